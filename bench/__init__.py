@@ -1,0 +1,1 @@
+"""Latency and throughput profiling: the bench command, stage breakdown, roofline, plots."""

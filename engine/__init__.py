@@ -1,0 +1,1 @@
+"""The runtime: :class:`Engine` loads a built engine directory and serves predictions."""

@@ -1,0 +1,1 @@
+"""Parity-gated builders of engine artifacts: ONNX, AOTInductor, TensorRT; the manifest."""

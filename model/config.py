@@ -1,0 +1,113 @@
+"""ST-VFM configuration: one dataclass with the spec's keys, and the named presets.
+
+A config is plain data (str/int/None) so that it travels inside a checkpoint that loads with
+``torch.load(weights_only=True)`` and inside an engine manifest as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from stvfm_engine.errors import ConfigError
+
+
+
+@dataclass
+class STVFMConfig:
+    backbone: str = "vit_tiny_patch16_224"
+    backbone_layers: Optional[int] = None  # first L blocks; None = all
+    history: int = 12  # T
+    horizon: int = 1  # T_out
+    channels: int = 2  # C
+    height: int = 14  # H
+    width: int = 8  # W
+    patch: int = 2  # p
+    adapter_dim: int = 64  # d_a
+    prompts: int = 8  # M
+    heads: Optional[int] = None  # None = D / 64
+    steps_per_day: int = 48  # 0 = no time inputs
+    start_dow: int = 0  # day of week of the data's step 0 (0 = Monday)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid ``(h, w) = (ceil(H/p), ceil(W/p))``."""
+        p = self.patch
+        return (-(-self.height // p), -(-self.width // p))
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    @property
+    def token_dim(self) -> int:
+        """Values per token and step: ``C * p * p``."""
+        return self.channels * self.patch * self.patch
+
+    @property
+    def uses_time(self) -> bool:
+        return self.steps_per_day > 0
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "STVFMConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a config dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; expected a subset of {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def replace(self, **changes: Any) -> "STVFMConfig":
+        changes = {k: v for k, v in changes.items() if v is not None}
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "STVFMConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(isinstance(self.backbone, str) and self.backbone != "", "backbone must be a timm model name")
+        for name in ("history", "horizon", "channels", "height", "width", "patch", "adapter_dim", "prompts"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        need(self.backbone_layers is None or (isinstance(self.backbone_layers, int) and self.backbone_layers >= 1),
+             f"backbone_layers must be an integer >= 1 or None, got {self.backbone_layers!r}")
+        need(self.heads is None or (isinstance(self.heads, int) and self.heads >= 1),
+             f"heads must be an integer >= 1 or None, got {self.heads!r}")
+        need(isinstance(self.steps_per_day, int) and self.steps_per_day >= 0,
+             f"steps_per_day must be an integer >= 0, got {self.steps_per_day!r}")
+        need(isinstance(self.start_dow, int) and 0 <= self.start_dow < 7,
+             f"start_dow must be in [0, 7), got {self.start_dow!r}")
+        return self
+
+
+# The spec's reference configurations. Every preset: steps_per_day 48, adapter_dim 64, prompts 8,
+# heads D/64 (resolved when the backbone is known).
+PRESETS: dict[str, STVFMConfig] = {
+    "tiny": STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=4, height=14, width=8,
+                        channels=2, history=12, horizon=1, patch=2),
+    "bike": STVFMConfig(backbone="vit_small_patch16_224.dino", height=14, width=8,
+                        channels=2, history=12, horizon=1, patch=1),
+    "city": STVFMConfig(backbone="vit_base_patch16_clip_224.openai", height=32, width=32,
+                        channels=2, history=12, horizon=6, patch=2),
+    "large": STVFMConfig(backbone="vit_large_patch14_dinov2.lvd142m", height=64, width=64,
+                         channels=2, history=12, horizon=12, patch=4),
+}
+
+
+def from_preset(name: str, **overrides: Any) -> STVFMConfig:
+    """The named preset with ``overrides`` (keys whose value is None are ignored)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,22 @@
+"""stvfm-engine: an optimized inference engine for ST-VFM spatio-temporal forecasting models.
+
+Public API: :func:`load_model` (a checkpoint -> the fp32 reference model), :class:`Engine`
+(a built engine directory -> fast predictions), ``__version__``.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from stvfm_engine.model.checkpoint import load_model, save_checkpoint  # noqa: E402
+
+
+def __getattr__(name: str):
+    # Engine pulls in the backends' runtimes; import it only when asked for.
+    if name == "Engine":
+        from stvfm_engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'stvfm_engine' has no attribute {name!r}")
+
+
+__all__ = ["load_model", "save_checkpoint", "Engine", "__version__"]

@@ -1,0 +1,3 @@
+from stvfm_engine.cli import main
+
+raise SystemExit(main())

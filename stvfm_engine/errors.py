@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints any of these as one line on stderr and exits with code 2."""
+
+
+class STVFMError(Exception):
+    """An expected failure caused by the user's input (file, option, data), not by a bug."""
+
+
+class ConfigError(STVFMError, ValueError):
+    """A configuration that the model cannot be built from."""
+
+
+class CheckpointError(STVFMError):
+    """A checkpoint that cannot be read as ST-VFM data."""
+
+
+class DataError(STVFMError):
+    """A data set that does not fit the model or the expected layout."""
+
+
+class InputError(STVFMError, ValueError):
+    """Inference inputs that do not match what the model expects."""
