@@ -1,6 +1,158 @@
-"""CLI sub-commands of stvfm_engine.export (filled in by the export work)."""
+"""CLI sub-commands of stvfm_engine.export: ``build``, ``inspect``, ``env``."""
 from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from stvfm_engine.export.precision import PRECISIONS
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+ARTIFACTS = ("onnxruntime", "aoti", "tensorrt")
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return v
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from stvfm_engine.export.build import build_engine
+    from stvfm_engine.export.manifest import read_manifest
+
+    out = build_engine(args.checkpoint, args.output, backends=args.backends, precision=args.precision,
+                       device=args.device, max_batch=args.max_batch, progress=not args.quiet)
+    manifest = read_manifest(out)
+    print(json.dumps({"engine": str(out), "backends": {b: {"precision": e["precision"], "device": e["device"],
+                                                          "max_rel_err": e["parity"]["max_rel_err"]}
+                                                      for b, e in manifest["backends"].items()},
+                      "build_seconds": manifest["build_seconds"]}))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from stvfm_engine.engine.backends import run_status
+    from stvfm_engine.export.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(args.engine)
+    if args.verify:
+        verify_files(args.engine, manifest)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    c, files = manifest["config"], manifest["files"]
+    print(f"engine {args.engine}: {c['backbone']} (L={c['backbone_layers']}), T={c['history']} -> {c['horizon']}, "
+          f"C={c['channels']}, grid {c['height']}x{c['width']}, p={c['patch']}, steps_per_day={c['steps_per_day']}")
+    print(f"max batch {manifest['max_batch']}; built {manifest['created_utc']} with torch {manifest['versions']['torch']}; "
+          f"checkpoint {manifest['checkpoint']['file']} (sha256 {manifest['checkpoint']['sha256'][:16]})")
+    rows = [("backend", "file", "precision", "device", "max rel err", "tolerance", "size", "build s", "runs here")]
+    notes = []
+    for name, e in manifest["backends"].items():
+        size = sum(f["bytes"] for k, f in files.items() if k == e["file"] or k.startswith(e["file"] + "."))
+        why = run_status(name, e["device"])
+        rows.append((name, e["file"], e["precision"], e["device"], f"{e['parity']['max_rel_err']:.2e}",
+                     f"{e['parity']['tolerance']:g}", _human_bytes(size), f"{e['build_seconds']:.1f}",
+                     "yes" if why is None else "no"))
+        if why:
+            notes.append(f"{name}: {why}")
+    weights = _human_bytes(files.get("weights.safetensors", {}).get("bytes", 0))
+    for name in ("eager", "triton"):
+        why = run_status(name, "cpu")
+        rows.append((name, "weights.safetensors", "any", "cpu/cuda", "reference" if name == "eager" else "-", "-",
+                     weights, "-", "yes" if why is None else "no"))
+        if why:
+            notes.append(f"{name}: {why}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    for n in notes:
+        print(n)
+    if args.verify:
+        print(f"all {len(files)} files match their sha256 in the manifest")
+    return 0
+
+
+def _status_text(status) -> str:
+    """``None`` -> yes; a reason -> ``no: reason``; ``{precision: reason}`` -> which precisions build."""
+    if not isinstance(status, dict):
+        return "yes" if status is None else f"no: {status}"
+    ok = [p for p, why in status.items() if why is None]
+    reasons = "; ".join(sorted({why for why in status.values() if why}))
+    if not ok:
+        return f"no: {reasons}"
+    no = [p for p, why in status.items() if why]
+    return ", ".join(ok) + (f" (not {', '.join(no)}: {reasons})" if no else "")
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from stvfm_engine.export.env import environment
+
+    report = environment()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    v, cuda = report["versions"], report["cuda"]
+    print(f"python {v['python']}, torch {v['torch']}, timm {v['timm']}, onnx {v['onnx']}, "
+          f"onnxruntime {v['onnxruntime'] or v['onnxruntime-gpu']}, triton {v['triton']}, "
+          f"tensorrt {v['tensorrt'] or 'not installed'}")
+    print("CUDA: " + (f"{cuda['device']} (sm {cuda['capability']})" if cuda["available"] else f"no ({cuda['why_not']})"))
+    print(f"ONNX Runtime providers: {', '.join(report['onnxruntime_providers']) or 'none'}")
+    print(f"C++ compiler: {report['compilers']['c++'] or 'none'}; cmake: {report['compilers']['cmake'] or 'none'}; "
+          f"torch threads: {report['torch_threads']}")
+    for name, row in report["backends"].items():
+        print(name)
+        for d in ("cpu", "cuda"):
+            build = _status_text(row[f"build_{d}"]) if f"build_{d}" in row else "no artifact (runs from the weights)"
+            print(f"  build {d:<4} {build}")
+        for d in ("cpu", "cuda"):
+            print(f"  run   {d:<4} {_status_text(row[f'run_{d}'])}")
+        if "note" in row:
+            print(f"  note: {row['note']}")
+    return 0
 
 
 def register(sub) -> None:
-    """Add this package's sub-commands to the ``stvfm-engine`` parser."""
+    p = sub.add_parser(
+        "build", formatter_class=FORMATTER,
+        help="build a parity-gated engine directory (ONNX / AOTInductor / TensorRT) from a checkpoint",
+        description="Build DIR from CKPT: manifest.json, weights.safetensors and one artifact per backend\n"
+                    "(model.onnx, model.pt2, model.plan). Every artifact must match the fp32 reference on\n"
+                    "fresh random inputs (relative error <= 1e-4 fp32, <= 2e-2 bf16/fp16) or the build fails;\n"
+                    "DIR is replaced atomically, and a failed build leaves it as it was.\n\n"
+                    "  stvfm-engine build tiny.pt -o tiny.engine\n"
+                    "  stvfm-engine build bike.pt -o bike.engine --backends onnxruntime --max-batch 16\n"
+                    "  stvfm-engine build city.pt -o city.engine --device cuda --precision bf16")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by 'stvfm-engine init' or 'train'")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to (re)place")
+    p.add_argument("--backends", metavar="LIST",
+                   help=f"comma-separated subset of {','.join(ARTIFACTS)} (default: all this machine can build)")
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="compute precision (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--max-batch", type=_positive, default=64, metavar="N",
+                   help="every artifact accepts batches 1..N (default 64)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("inspect", help="show an engine directory's backends, precisions, parity and sizes",
+                       description="Show what an engine directory holds, as its manifest records it.")
+    p.add_argument("engine", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256 against the manifest")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("env", help="what this machine can build and run, and why not",
+                       description="Report versions, devices, ONNX Runtime providers, compilers, and for each\n"
+                                   "backend whether it builds / runs on cpu and cuda here (and why not).",
+                       formatter_class=FORMATTER)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_env)

@@ -1,0 +1,70 @@
+"""The graph every backend serves: fixed positional I/O ``(x[, tod, dow]) -> y``, float32 in and out.
+
+ONNX export, AOTInductor and the eager backend all wrap the reference model in :class:`ServingModel`,
+so that input names, the dynamic batch axis and the precision cast are defined once.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from stvfm_engine.export.precision import Precision, get_precision
+from stvfm_engine.model.config import STVFMConfig
+from stvfm_engine.model.stvfm import STVFM
+
+OUTPUT_NAME = "y"
+
+
+def input_names(config: STVFMConfig) -> list[str]:
+    """``["x", "tod", "dow"]``, or ``["x"]`` for a model without time inputs."""
+    return ["x", "tod", "dow"] if config.uses_time else ["x"]
+
+
+def io_spec(config: STVFMConfig, max_batch: int) -> dict:
+    """Names, dtypes and shapes of the served graph; axis 0 (``"batch"``) is dynamic in ``[1, max_batch]``."""
+    c = config
+    shapes = {"x": ("float32", [c.history, c.channels, c.height, c.width]),
+              "tod": ("int64", [c.history]), "dow": ("int64", [c.history])}
+    inputs = [{"name": n, "dtype": shapes[n][0], "shape": ["batch", *shapes[n][1]]} for n in input_names(c)]
+    outputs = [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", c.horizon, c.channels, c.height, c.width]}]
+    return {"inputs": inputs, "outputs": outputs, "dynamic_axes": {"batch": {"axis": 0, "min": 1, "max": max_batch}}}
+
+
+class ServingModel(nn.Module):
+    """``forward(x[, tod, dow]) -> y`` float32, computed in the precision's dtype.
+
+    For a reduced precision the wrapped model is a cast copy; the fp32 model is used as it is.
+    """
+
+    def __init__(self, model: STVFM, precision: str | Precision = "fp32"):
+        super().__init__()
+        self.precision = get_precision(precision)
+        self.uses_time = model.config.uses_time
+        dtype = self.precision.dtype
+        self.model = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
+        self.model.eval()
+
+    def forward(self, x: torch.Tensor, tod: torch.Tensor | None = None, dow: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x.to(self.precision.dtype), tod, dow).float()
+
+
+def example_inputs(model: STVFM, batch: int = 2, device: str | torch.device = "cpu",
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """Random raw-unit inputs in the order of :func:`input_names`: ``x = mean + std * N(0, 1)`` per
+    channel (never zeros), tod/dow uniform over their ranges."""
+    c = model.config
+    z = torch.randn(batch, c.history, c.channels, c.height, c.width, generator=generator)
+    x = z * model.norm_std.detach().cpu().view(1, 1, -1, 1, 1) + model.norm_mean.detach().cpu().view(1, 1, -1, 1, 1)
+    out = [x]
+    if c.uses_time:
+        out.append(torch.randint(0, c.steps_per_day, (batch, c.history), generator=generator))
+        out.append(torch.randint(0, 7, (batch, c.history), generator=generator))
+    return tuple(t.to(device) for t in out)
+
+
+def dynamic_shapes(config: STVFMConfig, max_batch: int) -> dict:
+    """``torch.export`` dynamic shapes: one shared batch dim in ``[1, max_batch]`` on every input."""
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
+    return {name: {0: batch} for name in input_names(config)}

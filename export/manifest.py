@@ -1,0 +1,119 @@
+"""The engine directory's ``manifest.json``: what was built, from what, with which versions, and how
+well each artifact matched the reference. Readers validate it and check file hashes against it.
+
+Layout (``format_version`` 1)::
+
+    {"format_version": 1, "stvfm_engine_version": "...", "created_utc": "...",
+     "checkpoint": {"file": "bike.pt", "sha256": "...", "bytes": N},
+     "config": {...}, "normalization": {"mean": [...], "std": [...]},
+     "precision": "fp32", "device": "cpu", "max_batch": 64,
+     "io": {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", T, C, H, W]}, ...],
+            "outputs": [...], "dynamic_axes": {"batch": {"axis": 0, "min": 1, "max": 64}}},
+     "versions": {"torch": "...", "onnxruntime": "...", ...},
+     "files": {"model.onnx": {"sha256": "...", "bytes": N}, ...},        # every file but the manifest
+     "backends": {"onnxruntime": {"file": "model.onnx", "precision": "fp32", "device": "cpu",
+                                  "parity": {...measured...}, "build_seconds": 12.3}, ...}}
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Iterable
+
+from stvfm_engine.atomic import atomic_path
+from stvfm_engine.errors import STVFMError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"
+REQUIRED_KEYS = ("config", "normalization", "max_batch", "io", "files", "backends")
+
+# The library versions a manifest records (distribution names; absent ones are recorded as null).
+_DISTRIBUTIONS = ("torch", "timm", "numpy", "safetensors", "onnx", "onnxscript", "onnxruntime",
+                  "onnxruntime-gpu", "triton", "tensorrt", "stvfm-engine")
+
+
+class EngineDirError(STVFMError):
+    """An engine directory that is missing, unreadable, or does not match its manifest."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def file_table(directory: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under ``directory`` except the manifest, keyed by relative path."""
+    return {p.relative_to(directory).as_posix(): file_record(p)
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in _DISTRIBUTIONS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    path = Path(directory) / MANIFEST_NAME
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``DIR/manifest.json``; every failure is a one-line :class:`EngineDirError`."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise EngineDirError(f"engine directory {str(directory)!r} not found (build one with 'stvfm-engine build CKPT -o DIR')")
+    if not path.is_file():
+        raise EngineDirError(f"{directory}: not an engine directory (no {MANIFEST_NAME}; build one with 'stvfm-engine build CKPT -o DIR')")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EngineDirError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise EngineDirError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise EngineDirError(f"{path}: unknown manifest format_version {version!r}; this stvfm-engine reads {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise EngineDirError(f"{path}: manifest lacks {missing}")
+    return manifest
+
+
+def verify_files(directory: str | os.PathLike, manifest: dict[str, Any], names: Iterable[str] | None = None) -> None:
+    """Check the sha256 of ``names`` (default: every file the manifest lists) against the manifest.
+
+    A file that belongs to an artifact, such as ONNX external data (``model.onnx.data``), is checked
+    with it: ``names`` are matched as prefixes of the listed files.
+    """
+    directory = Path(directory)
+    table = manifest["files"]
+    wanted = list(table) if names is None else [f for f in table for n in names if f == n or f.startswith(n + ".")]
+    for name in names or ():
+        if name not in table:
+            raise EngineDirError(f"{directory}: manifest lists no file {name!r}")
+    for name in wanted:
+        path = directory / name
+        if not path.is_file():
+            raise EngineDirError(f"{directory}: {name} is missing (the manifest lists it)")
+        if sha256_file(path) != table[name]["sha256"]:
+            raise EngineDirError(f"{directory}: {name} does not match its sha256 in the manifest (changed after the build)")

@@ -1,0 +1,40 @@
+"""Build precisions and their parity tolerances: the one dispatch point for ``--precision``.
+
+A precision names the compute dtype of the served graph (inputs and outputs stay float32) and the
+parity gate's tolerance against the fp32 reference. Which backend can build which precision is
+decided by each backend's builder (:mod:`stvfm_engine.export.build`); a new precision (e.g. int8
+with a calibration gate) is a new entry here plus the builders that accept it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stvfm_engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    dtype: torch.dtype  # compute dtype of the served graph
+    tolerance: float  # parity gate: max ||y - y_ref|| / ||y_ref|| against the fp32 reference
+
+    @property
+    def reduced(self) -> bool:
+        return self.dtype != torch.float32
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision("fp32", torch.float32, 1e-4),
+    "bf16": Precision("bf16", torch.bfloat16, 2e-2),
+    "fp16": Precision("fp16", torch.float16, 2e-2),
+}
+
+
+def get_precision(name: str | Precision) -> Precision:
+    if isinstance(name, Precision):
+        return name
+    if name not in PRECISIONS:
+        raise ConfigError(f"unknown precision {name!r}; expected one of {sorted(PRECISIONS)}")
+    return PRECISIONS[name]
