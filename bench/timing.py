@@ -1,0 +1,85 @@
+"""Block-interleaved latency measurement and its summary statistics.
+
+On a small CPU the thread pools of ONNX Runtime and PyTorch keep spinning after a call and slow
+whatever runs next, so variants are never timed one after the other: each round runs every
+variant in a block of consecutive calls, the first calls of each block are dropped, the order of
+the variants rotates from round to round, and the statistics are taken over all kept calls.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many calls are made: ``warmup`` untimed calls per variant, then ``rounds`` rounds of
+    ``block`` calls per variant, of which the first ``drop`` of each block are discarded."""
+
+    warmup: int = 3
+    rounds: int = 5
+    block: int = 8
+    drop: int = 2
+
+    def __post_init__(self):
+        if self.warmup < 0 or self.rounds < 1 or self.block < 1 or not 0 <= self.drop < self.block:
+            raise ValueError(f"bad schedule {self}: need warmup >= 0, rounds >= 1, block >= 1, 0 <= drop < block")
+
+    @classmethod
+    def for_iters(cls, iters: int, warmup: int = 3) -> "Schedule":
+        """A schedule that keeps about ``iters`` timed calls per variant (at least one per block)."""
+        if iters < 1:
+            raise ValueError(f"iters must be >= 1, got {iters}")
+        rounds = max(1, min(10, -(-iters // 4)))
+        kept = -(-iters // rounds)
+        drop = 2 if kept >= 4 else 1
+        return cls(warmup=warmup, rounds=rounds, block=kept + drop, drop=drop)
+
+    @property
+    def kept_per_variant(self) -> int:
+        return self.rounds * (self.block - self.drop)
+
+
+def time_interleaved(variants: Mapping[str, Callable[[], object]], schedule: Schedule = Schedule(),
+                     sync: Optional[Callable[[], None]] = None,
+                     timer: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Time every callable in ``variants`` interleaved in blocks; returns kept latencies in ms.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before starting and before stopping each
+    clock, so that asynchronous GPU work is inside the measurement.
+    """
+    names = list(variants)
+    if not names:
+        raise ValueError("nothing to time")
+    sync = sync or (lambda: None)
+    for name in names:
+        for _ in range(schedule.warmup):
+            variants[name]()
+    sync()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(schedule.rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:  # rotate: no variant always follows the same one
+            fn = variants[name]
+            for i in range(schedule.block):
+                sync()
+                t0 = timer()
+                fn()
+                sync()
+                t1 = timer()
+                if i >= schedule.drop:
+                    samples[name].append((t1 - t0) * 1e3)
+    return samples
+
+
+def summarize(latencies_ms: list[float], batch: int) -> dict[str, float]:
+    """``p50_ms <= p90_ms <= p99_ms``, ``mean_ms`` and ``throughput`` (samples/s at the median)."""
+    a = np.asarray(latencies_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no latencies to summarize")
+    p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
+    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(a.mean()),
+            "throughput": batch * 1e3 / p50, "samples": int(a.size)}
