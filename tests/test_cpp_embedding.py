@@ -1,0 +1,85 @@
+"""The C++ embedding (examples/cpp): configure, build and run it on an AOTInductor package, and compare
+with Python (<= 1e-5 relative). Only the CPU test lives here; it skips only without cmake or a compiler.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from stvfm_engine.engine import Engine, reference_model
+from stvfm_engine.export.build import build_engine
+from stvfm_engine.export.parity import relative_error
+from stvfm_engine.model.checkpoint import save_checkpoint
+from stvfm_engine.model.config import STVFMConfig
+from stvfm_engine.model.stvfm import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(REPO, "examples", "cpp")
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+
+pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or CXX is None,
+                                reason="the C++ example needs cmake and a C++ compiler")
+
+# distilled DeiT (2 prefix tokens), 1 block, time inputs, grid 10x6 not divisible by p=4, C=2
+CONFIG = STVFMConfig(backbone="deit_tiny_distilled_patch16_224", backbone_layers=1, channels=2, height=10, width=6,
+                     patch=4, history=4, horizon=2, steps_per_day=12, adapter_dim=16, prompts=3)
+
+
+def _run(cmd, **kwargs):
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert proc.returncode == 0, f"{cmd[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(engine dir, stvfm_run binary): one AOTInductor build and one CMake build per module."""
+    root = tmp_path_factory.mktemp("cpp")
+    model = build_model(CONFIG, seed=21)
+    model.set_normalization([4.0, 7.0], [2.0, 3.0])
+    save_checkpoint(model, root / "m.pt")
+    engine = build_engine(root / "m.pt", root / "m.engine", backends=["aoti"], max_batch=8, progress=False)
+    torch_dir = os.path.dirname(torch.__file__)
+    _run(["cmake", "-S", EXAMPLE, "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
+          f"-DCMAKE_CXX_COMPILER={CXX}", f"-DTORCH_DIR={torch_dir}",
+          f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"])
+    _run(["cmake", "--build", str(root / "build"), "-j", "2"])
+    return engine, root / "build" / "stvfm_run"
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cpp_matches_python(built, tmp_path, batch):
+    engine_dir, binary = built
+    rng = np.random.default_rng(batch)
+    x = (5.0 + 2.5 * rng.standard_normal((batch, CONFIG.history, CONFIG.channels, CONFIG.height, CONFIG.width))).astype(np.float32)
+    tod = rng.integers(0, CONFIG.steps_per_day, (batch, CONFIG.history))
+    dow = rng.integers(0, 7, (batch, CONFIG.history))
+    for name, a in (("x", x), ("tod", tod), ("dow", dow)):
+        np.save(tmp_path / f"{name}.npy", a)
+    # no LD_LIBRARY_PATH: the binary keeps libtorch loaded for the package's own library
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    proc = _run([str(binary), str(engine_dir / "model.pt2"), str(tmp_path / "y.npy"),
+                 *(str(tmp_path / f"{n}.npy") for n in ("x", "tod", "dow"))], env=env)
+    assert f"y [{batch}, 2, 2, 10, 6]" in proc.stdout
+    y_cpp = np.load(tmp_path / "y.npy")
+    assert y_cpp.dtype == np.float32 and y_cpp.shape == (batch, 2, 2, 10, 6)
+    y_py = Engine.load(engine_dir, backend="aoti").predict(x, tod, dow)
+    assert relative_error(y_cpp, y_py) <= 1e-5
+    with torch.inference_mode():
+        y_ref = reference_model(engine_dir)(*(torch.from_numpy(a) for a in (x, tod, dow))).numpy()
+    assert relative_error(y_cpp, y_ref) <= 1e-4
+
+
+def test_cpp_reports_bad_input(built, tmp_path):
+    engine_dir, binary = built
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.int32))
+    proc = subprocess.run([str(binary), str(engine_dir / "model.pt2"), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "dtype <i4 unsupported" in proc.stderr
+    proc = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
