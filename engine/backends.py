@@ -236,6 +236,8 @@ def open_backend(backend: str, directory: Path, config: STVFMConfig, precision: 
         return TensorRTRunner(path, config, device)
     if reference is None:
         raise BackendError(f"backend {backend} needs the reference weights")
+    if backend == "eager" and not precision.dtype.is_floating_point:
+        raise BackendError(f"the eager backend runs fp32, bf16 or fp16, not {precision.name}")
     model = reference()
     if backend == "eager":
         return TorchRunner(ServingModel(model, precision).to(device), device, thread_safe=True)
