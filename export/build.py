@@ -44,6 +44,8 @@ class BuildContext:
     max_batch: int
     progress: BuildProgress
     done: dict = field(default_factory=dict)  # stages already run (the ONNX file serves ORT and TensorRT)
+    calib_data: Optional[str] = None  # int8: data PREFIX of the test-MAE gate (export/quantize.py)
+    max_mae_loss: float = 0.01
 
     def onnx(self) -> Path:
         """``model.onnx`` (fp32; exported and checked once per build)."""
@@ -72,16 +74,27 @@ def _missing(*modules: str) -> Optional[str]:
 def _why_not_onnxruntime(device: str, precision: Precision) -> Optional[str]:
     if why := _missing("onnx", "onnxscript", "onnxruntime"):
         return f"{why} (pip install 'stvfm-engine[onnx]')"
+    # --- int8 dispatch (bench work): ONNX Runtime artifacts are fp32 or int8; see export/quantize.py
+    if precision.name == "int8":
+        return _missing("onnxruntime.quantization")
     if precision.reduced:
-        return "the ONNX Runtime artifact is fp32 only (reduced precision: use aoti or tensorrt)"
+        return "the ONNX Runtime artifact is fp32 only, or int8 (other reduced precisions: use aoti or tensorrt)"
     return None
 
 
 def _build_onnxruntime(ctx: BuildContext) -> Path:
-    return ctx.onnx()
+    path = ctx.onnx()
+    if ctx.precision.name == "int8":  # --- int8 (bench work)
+        from stvfm_engine.export.quantize import quantize_onnx_artifact
+
+        with ctx.progress.stage("int8", "ONNX Runtime dynamic int8 quantisation + task gate"):
+            ctx.done["int8"] = quantize_onnx_artifact(path, ctx.model, ctx.calib_data, ctx.max_mae_loss)
+    return path
 
 
 def _why_not_aoti(device: str, precision: Precision) -> Optional[str]:
+    if precision.name == "int8":  # --- int8 (bench work)
+        return "int8 is built for onnxruntime only"
     if which_compiler() is None:
         return "no C++ compiler found (AOTInductor compiles C++: install g++ or set CXX)"
     return None
@@ -97,6 +110,8 @@ def _build_aoti(ctx: BuildContext) -> Path:
 def _why_not_tensorrt(device: str, precision: Precision) -> Optional[str]:
     if torch.device(device).type != "cuda":
         return "TensorRT builds for CUDA devices only (use --device cuda)"
+    if precision.name == "int8":  # --- int8 (bench work)
+        return "int8 is built for onnxruntime only"
     if why := _missing("tensorrt"):
         return f"{why} (pip install 'stvfm-engine[gpu]'); untested here"
     return _why_not_onnxruntime(device, get_precision("fp32"))  # it is built from the fp32 ONNX file
@@ -175,13 +190,16 @@ def _save_weights(model: STVFM, path: Path) -> None:
 
 def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                  backends: Optional[Sequence[str] | str] = None, precision: str = "fp32", device: str = "cpu",
-                 max_batch: int = 64, progress: bool = True) -> Path:
+                 max_batch: int = 64, progress: bool = True, calib_data: Optional[str | os.PathLike] = None,
+                 max_mae_loss: float = 0.01) -> Path:
     """Build the engine directory ``output_dir`` from ``checkpoint``; return its path.
 
     ``backends``: some of ``onnxruntime``, ``aoti``, ``tensorrt`` (None: all this machine can build
     for ``device`` at ``precision``). Every artifact must pass the parity gate (relative error <= 1e-4
     for fp32, 2e-2 for bf16/fp16) against the fp32 reference, or the build fails and ``output_dir``
-    is left as it was. ``progress`` shows rich progress on stderr.
+    is left as it was. ``progress`` shows rich progress on stderr. ``int8`` (ONNX Runtime only) is
+    also gated on the forecasting task when ``calib_data`` (a data PREFIX) is given: test MAE within
+    ``max_mae_loss`` of fp32's (:mod:`stvfm_engine.export.quantize`).
     """
     prec = get_precision(precision)
     device = _normalize_device(device)
@@ -195,7 +213,8 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     ui = BuildProgress(enabled=progress)
     started = time.perf_counter()
     with ui, atomic_directory(target) as tmp:
-        ctx = BuildContext(model, tmp, target, prec, device, max_batch, ui)
+        ctx = BuildContext(model, tmp, target, prec, device, max_batch, ui,
+                           calib_data=None if calib_data is None else str(calib_data), max_mae_loss=max_mae_loss)
         with ui.stage("weights", f"{WEIGHTS_NAME} + checkpoint sha256"):
             _save_weights(model, tmp / WEIGHTS_NAME)
             ckpt_record = {"file": ckpt_path.name, **file_record(ckpt_path)}
@@ -213,6 +232,8 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
             ui.note(f"{name}: max relative error {parity['max_rel_err']:.2e} (tolerance {prec.tolerance:g})")
             entries[name] = {"file": path.name, "precision": "fp32" if name == "onnxruntime" else prec.name,
                              "device": run_device, "parity": parity, "build_seconds": round(seconds, 3)}
+            if name == "onnxruntime" and "int8" in ctx.done:  # --- int8 (bench work)
+                entries[name].update(precision="int8", reduced_precision=ctx.done["int8"])
         manifest = {
             "format_version": FORMAT_VERSION,
             "stvfm_engine_version": __version__,

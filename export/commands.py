@@ -31,7 +31,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from stvfm_engine.export.manifest import read_manifest
 
     out = build_engine(args.checkpoint, args.output, backends=args.backends, precision=args.precision,
-                       device=args.device, max_batch=args.max_batch, progress=not args.quiet)
+                       device=args.device, max_batch=args.max_batch, progress=not args.quiet,
+                       calib_data=args.calib_data, max_mae_loss=args.max_mae_loss)
     manifest = read_manifest(out)
     print(json.dumps({"engine": str(out), "backends": {b: {"precision": e["precision"], "device": e["device"],
                                                           "max_rel_err": e["parity"]["max_rel_err"]}
@@ -137,6 +138,10 @@ def register(sub) -> None:
     p.add_argument("--backends", metavar="LIST",
                    help=f"comma-separated subset of {','.join(ARTIFACTS)} (default: all this machine can build)")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="compute precision (default fp32)")
+    # --- int8 gate (bench work, export/quantize.py)
+    p.add_argument("--calib-data", metavar="PREFIX", help="int8: gate on the test MAE of PREFIX_{train,val,test}.npz "
+                                                          "(refused beyond --max-mae-loss vs fp32)")
+    p.add_argument("--max-mae-loss", type=float, default=0.01, help="int8: allowed relative test-MAE loss (default 0.01)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-batch", type=_positive, default=64, metavar="N",
                    help="every artifact accepts batches 1..N (default 64)")

@@ -29,6 +29,9 @@ PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", torch.float32, 1e-4),
     "bf16": Precision("bf16", torch.bfloat16, 2e-2),
     "fp16": Precision("fp16", torch.float16, 2e-2),
+    # int8 (bench work, export/quantize.py): ONNX Runtime only; 5e-2 is the data-free gate, and
+    # build --calib-data adds the test-MAE gate
+    "int8": Precision("int8", torch.int8, 5e-2),
 }
 
 

@@ -25,8 +25,8 @@ from stvfm_engine.errors import ConfigError, STVFMError
 RELATIVE_TOLERANCE = {"bf16": 2e-2, "fp16": 2e-2, "int8": 5e-2}
 DEFAULT_MAX_MAE_LOSS = 0.01
 INT8_MODES = ("dynamic", "static")
-# ONNX node scopes (the exporter's ``namespace`` metadata) whose weight matmuls int8 quantises.
-INT8_SCOPES = {"backbone": "STVFM/backbone", "all": ""}
+# Module scopes (found in the exporter's ``namespace`` node metadata) whose weight matmuls int8 quantises.
+INT8_SCOPES = {"backbone": "backbone", "all": ""}
 
 # (x, tod, dow) numpy -> y numpy
 Forecaster = Callable[[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], np.ndarray]
@@ -74,13 +74,15 @@ def weight_matmuls(onnx_path: str | os.PathLike, scope: str = "backbone") -> lis
     model = onnx.load(str(onnx_path), load_external_data=False)
     consts = {i.name for i in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    prefix = INT8_SCOPES[scope]
+    module = INT8_SCOPES[scope]
     names = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in consts:
             continue
+        # namespace: ": Root/attr: Class/attr.sub: Class/..." -> the module path of each level
         namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        if prefix in namespace:
+        paths = [seg.split(":", 1)[0].strip() for seg in namespace.split("/")[1:]]
+        if not module or any(module in path.split(".") for path in paths):
             names.append(node.name)
     return names
 
@@ -102,7 +104,8 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "d
                   per_channel: bool = True, calibration: Optional[Iterable[dict]] = None) -> dict:
     """Write an int8 copy of the fp32 ONNX file ``src`` to ``dst``; returns what was done.
 
-    ``calibration``: feeds ``{"x": ..., "tod": ..., "dow": ...}`` for ``mode="static"``.
+    ``calibration``: feeds ``{"x": ..., "tod": ..., "dow": ...}`` for ``mode="static"``. ``dst`` is one
+    file (int8 weights are a quarter of fp32's; ``src``'s external data, if any, is read).
     """
     import logging
 
@@ -113,14 +116,13 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "d
     nodes = weight_matmuls(src, scope)
     if not nodes:
         raise ConfigError(f"{src}: no weight matmuls found in scope {scope!r} to quantise")
-    external = Path(f"{src}.data").is_file()
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantiser warns about pre-processing on every call
     try:
         if mode == "dynamic":
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             nodes_to_quantize=nodes, use_external_data_format=external)
+                             nodes_to_quantize=nodes, use_external_data_format=False)
         else:
             feeds = list(calibration or [])
             if not feeds:
@@ -128,7 +130,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "d
             quantize_static(str(src), str(dst), _Calibration(feeds), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
-                            use_external_data_format=external)
+                            use_external_data_format=False)
     finally:
         root.setLevel(level)
     return {"mode": mode, "scope": scope, "per_channel": per_channel, "quantized_nodes": len(nodes)}
@@ -248,4 +250,30 @@ def build_int8_onnx(fp32_onnx: str | os.PathLike, dst: str | os.PathLike, refere
         for p in (Path(dst), Path(f"{dst}.data")):
             p.unlink(missing_ok=True)
         raise
+    return {"quantization": info, "gate": result}
+
+
+def quantize_onnx_artifact(path: str | os.PathLike, model, calib_data: Optional[str | os.PathLike] = None,
+                           max_mae_loss: float = DEFAULT_MAX_MAE_LOSS, mode: str = "dynamic",
+                           scope: str = "backbone") -> dict:
+    """Replace the fp32 ONNX artifact ``path`` of an engine being built by its int8 version.
+
+    With ``calib_data`` the int8 file must pass :func:`mae_gate` against the fp32 file first (the
+    build's parity gate then checks it against ``model`` at the int8 tolerance); without data the
+    parity gate alone decides. The int8 file is written as one file (no external data). Returns
+    the record for the manifest.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".int8.tmp")
+    fp32 = ort_forecaster(path)
+    feeds = calibration_feeds(calib_data, model.config) if mode == "static" and calib_data is not None else None
+    try:
+        info = quantize_int8(path, tmp, mode=mode, scope=scope, calibration=feeds)
+        result = (mae_gate(ort_forecaster(tmp), fp32, calib_data, model.config, "int8", max_mae_loss)
+                  if calib_data is not None else
+                  {"gate": "relative_error", "note": "no --calib-data: the parity gate at the int8 tolerance decides"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    Path(f"{path}.data").unlink(missing_ok=True)  # the fp32 weights, if the export wrote them beside it
     return {"quantization": info, "gate": result}

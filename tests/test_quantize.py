@@ -80,3 +80,22 @@ def test_relative_error():
     a = np.ones((2, 3), np.float32)
     assert q.relative_error(a, a) == 0.0
     assert q.relative_error(a * 1.01, a) == pytest.approx(0.01, rel=1e-5)
+
+
+def test_build_engine_int8(tmp_path):
+    from stvfm_engine import Engine
+    from stvfm_engine.export.build import build_engine
+    from stvfm_engine.model.checkpoint import save_checkpoint
+
+    model = build_model(from_preset("tiny", backbone_layers=1), seed=0)
+    ckpt = save_checkpoint(model, tmp_path / "m.pt")
+    out = build_engine(ckpt, tmp_path / "int8.engine", precision="int8", max_batch=4, progress=False)
+    engine = Engine.load(out, backend="onnxruntime")
+    entry = engine.manifest["backends"]["onnxruntime"]
+    assert engine.precision == "int8" and list(engine.manifest["backends"]) == ["onnxruntime"]
+    assert entry["reduced_precision"]["quantization"]["quantized_nodes"] == 4
+    assert 1e-6 < entry["parity"]["max_rel_err"] <= 5e-2 and entry["parity"]["tolerance"] == 5e-2
+    x, tod, dow = make_inputs(model.config, 3)
+    assert q.relative_error(engine.predict(x, tod, dow), model_forecaster(model)(x, tod, dow)) <= 5e-2
+    with pytest.raises(Exception, match="int8 is built for onnxruntime only"):
+        build_engine(ckpt, tmp_path / "x.engine", backends=["aoti"], precision="int8", progress=False)
