@@ -7,7 +7,7 @@ import triton.language as tl
 
 from stvfm_engine.errors import STVFMError
 
-_LOWP = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreted(kernel) -> bool:
@@ -25,7 +25,7 @@ def check_device(kernel, *tensors: torch.Tensor) -> None:
 
 
 def check_dtype(t: torch.Tensor, what: str) -> None:
-    if t.dtype not in _LOWP:
+    if t.dtype not in _FLOAT_DTYPES:
         raise STVFMError(f"{what} must be float32, bfloat16 or float16, got {t.dtype}")
 
 

@@ -55,6 +55,12 @@ def _flow_kernel(
         prev = xn
 
 
+def flow_blocks(n: int, K: int) -> dict:
+    """Launch constants: about 512 elements per program (~48 registers/thread on sm_90)."""
+    BLOCK_K = triton.next_power_of_2(K)
+    return {"BLOCK_N": max(1, min(triton.next_power_of_2(n), 512 // BLOCK_K)), "BLOCK_K": BLOCK_K}
+
+
 @triton_op("stvfm::flow_patchify", mutates_args=())
 def flow_patchify(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patch: int,
                   out_dtype: torch.dtype) -> torch.Tensor:
@@ -66,14 +72,13 @@ def flow_patchify(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patch:
     h, w = -(-H // p), -(-W // p)
     n, K = h * w, C * p * p
     u = torch.empty(2 * B, n, T, K, dtype=out_dtype, device=x.device)
-    BLOCK_K = triton.next_power_of_2(K)
-    BLOCK_N = max(1, min(triton.next_power_of_2(n), 512 // BLOCK_K))  # ~48 registers/thread on sm_90
-    grid = (triton.cdiv(n, BLOCK_N), B)
+    blocks = flow_blocks(n, K)
+    grid = (triton.cdiv(n, blocks["BLOCK_N"]), B)
     wrap_triton(_flow_kernel)[grid](
         x, mean, std, u,
         *x.stride(), *u.stride(),
         B, T, H, W, n, w, K,
-        P=p, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        P=p, **blocks,
     )
     return u
 

@@ -20,7 +20,6 @@ statistics and softmax are fp32 at every precision.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +140,7 @@ def _condition_context_kernel(
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
-    inv_l = tl.where(l_i > 0.0, 1.0 / l_i, 0.0)  # 0 on padding rows
+    inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)  # padding rows have l = 0 (and p = 0)
 
     ctx = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     for j0 in range(0, n, BLOCK_N):
@@ -156,6 +155,15 @@ def _condition_context_kernel(
                               ln_w_ptr + br * D, ln_b_ptr + br * D)
         ctx = mma(p.to(dt), xn.to(dt), ctx, DOT_PREC, UPCAST_DOT)
     tl.store(ctx_ptr + (seq * Q + rows[:, None]) * D + cols[None, :], ctx, mask=qmask[:, None] & cmask[None, :])
+
+
+def condition_blocks(Q: int, D: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Launch constants of the two conditioning kernels (tests/test_kernels_compile.py checks them with ptxas)."""
+    wide = dtype == torch.float32
+    scores = {"BLOCK_N": 32, "BLOCK_Q": min(32 if wide else 64, block(Q)), "BLOCK_D": min(32, block(D)),
+              "num_warps": 8}
+    context = {"BLOCK_Q": min(32, block(Q)), "BLOCK_N": 32, "BLOCK_D": min(128, block(D)), "num_warps": 8}
+    return scores, context
 
 
 @triton_op("stvfm::prompt_condition", mutates_args=())
@@ -177,20 +185,19 @@ def prompt_condition(h: torch.Tensor, a: torch.Tensor, ln_w: torch.Tensor, ln_b:
     stats = torch.empty(B2, n, 2, dtype=torch.float32, device=h.device)
     ctx = torch.empty(B2, Q, D, dtype=torch.float32, device=h.device)
     flags = dot_flags(_condition_scores_kernel, h.dtype)
-    # Blocks checked with ptxas for sm_90 (D=768, heads*M=96): no register spills in bf16 or fp32.
-    wide = h.dtype == torch.float32
-    wrap_triton(_condition_scores_kernel)[(triton.cdiv(n, 32), B2)](
+    scores_blocks, context_blocks = condition_blocks(Q, D, h.dtype)
+    wrap_triton(_condition_scores_kernel)[(triton.cdiv(n, scores_blocks["BLOCK_N"]), B2)](
         h, a, ln_w, ln_b, s, stats,
         *h.stride(),
         B, n, D, Q, LN_EPS,
-        BLOCK_N=32, BLOCK_Q=min(32 if wide else 64, block(Q)), BLOCK_D=min(32, block(D)), num_warps=8, **flags,
+        **scores_blocks, **flags,
     )
-    BLOCK_Q, BLOCK_D = min(32, block(Q)), min(128, block(D))
-    wrap_triton(_condition_context_kernel)[(triton.cdiv(D, BLOCK_D), triton.cdiv(Q, BLOCK_Q), B2)](
+    grid = (triton.cdiv(D, context_blocks["BLOCK_D"]), triton.cdiv(Q, context_blocks["BLOCK_Q"]), B2)
+    wrap_triton(_condition_context_kernel)[grid](
         h, s, stats, ln_w, ln_b, ctx,
         *h.stride(),
         B, n, D, Q,
-        BLOCK_Q=BLOCK_Q, BLOCK_N=32, BLOCK_D=BLOCK_D, num_warps=8, **flags,
+        **context_blocks, **flags,
     )
     # The M prompt rows: attention output W_v,h ctx_h + b_v,h, output projection, residual.
     ctx = ctx.view(2, B, heads, M, D)
@@ -270,32 +277,15 @@ def _bilateral_kernel(
     dt = h_ptr.dtype.element_ty
     h_rows = h_ptr + seq * stride_hb + j[:, None] * stride_hn
 
-    # LayerNorm statistics of the token rows (fp32, two passes over D).
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + dd
-        x = tl.load(h_rows + cols[None, :] * stride_hd, mask=rmask[:, None] & (cols < D)[None, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32), axis=1)
-    mean = acc / D
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + dd
-        m = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(h_rows + cols[None, :] * stride_hd, mask=m, other=0.0).to(tl.float32)
-        xc = tl.where(m, x - mean[:, None], 0.0)
-        acc += tl.sum(xc * xc, axis=1)
-    rstd = 1.0 / tl.sqrt(acc / D + eps)
+    mean, rstd = _row_stats(h_rows, rmask, stride_hd, D, eps, BLOCK_M, BLOCK_D)
 
     # Scores of every head at once: LN(h) @ K~^T  [BLOCK_M, HEADS_PAD*M_PAD].
     s = tl.zeros([BLOCK_M, HEADS_PAD * M_PAD], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + dd
         cmask = cols < D
-        m = rmask[:, None] & cmask[None, :]
-        x = tl.load(h_rows + cols[None, :] * stride_hd, mask=m, other=0.0).to(tl.float32)
-        ln_w = tl.load(ln_w_ptr + br * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        ln_b = tl.load(ln_b_ptr + br * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        xn = tl.where(m, (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :], 0.0)
+        xn = _layer_norm_tile(h_rows + cols[None, :] * stride_hd, rmask[:, None] & cmask[None, :], cols, cmask,
+                              mean, rstd, ln_w_ptr + br * D, ln_b_ptr + br * D)
         kt = tl.load(kt_ptr + (seq * heads * M + crow[None, :]) * D + cols[:, None],
                      mask=cvalid[None, :] & cmask[:, None], other=0.0).to(dt)  # [BLOCK_D, HEADS_PAD*M_PAD]
         s = mma(xn.to(dt), kt, s, DOT_PREC, UPCAST_DOT)
@@ -325,6 +315,14 @@ def _bilateral_kernel(
         tl.store(out_rows + (br * D + cols[None, :]) * stride_od, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
+def bilateral_blocks(n: int, M: int, heads: int, D: int, dtype: torch.dtype) -> dict:
+    """Launch constants of the bilateral kernel (tests/test_kernels_compile.py checks them with ptxas)."""
+    M_PAD = triton.next_power_of_2(M)
+    return {"M_PAD": M_PAD, "HEADS_PAD": max(triton.next_power_of_2(heads), 16 // M_PAD),
+            "BLOCK_M": 16 if dtype == torch.float32 else (32 if n < 512 else 64),
+            "BLOCK_D": min(32, block(D)), "num_warps": 8}
+
+
 @triton_op("stvfm::bilateral_attention", mutates_args=())
 def bilateral_attention(h: torch.Tensor, q: torch.Tensor, ln_q_w: torch.Tensor, ln_q_b: torch.Tensor,
                         ln_kv_w: torch.Tensor, ln_kv_b: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor,
@@ -351,16 +349,13 @@ def bilateral_attention(h: torch.Tensor, q: torch.Tensor, ln_q_w: torch.Tensor, 
     sb = torch.einsum("rbmhe,rhe->rbhm", k, b_q.view(2, heads, hd)) * scale
     vt = torch.einsum("rbmhe,rdhe->rbhmd", v, w_p.view(2, D, heads, hd))
     out = torch.empty(B, n, 2 * D, dtype=h.dtype, device=h.device)
-    M_PAD = triton.next_power_of_2(M)
-    HEADS_PAD = max(triton.next_power_of_2(heads), 16 // M_PAD)
-    # Blocks checked with ptxas for sm_90 (heads*M up to 128): no register spills in bf16 or fp32.
-    BLOCK_M = 16 if h.dtype == torch.float32 else (32 if n < 512 else 64)
-    wrap_triton(_bilateral_kernel)[(triton.cdiv(n, BLOCK_M), B2)](
+    blocks = bilateral_blocks(n, M, heads, D, h.dtype)
+    wrap_triton(_bilateral_kernel)[(triton.cdiv(n, blocks["BLOCK_M"]), B2)](
         h, kt.to(h.dtype).contiguous(), sb.contiguous(), vt.to(h.dtype).contiguous(),
         ln_q_w, ln_q_b, b_p, out,
         *h.stride(), *out.stride(),
         B, n, D, M, heads, LN_EPS,
-        M_PAD=M_PAD, HEADS_PAD=HEADS_PAD, BLOCK_M=BLOCK_M, BLOCK_D=min(32, block(D)), num_warps=8,
+        **blocks,
         **dot_flags(_bilateral_kernel, h.dtype),
     )
     return out

@@ -90,9 +90,12 @@ def _token_adapter_kernel(
             if HAS_TIME:
                 tod = tl.load(tod_ptr + b * stride_tb + t * stride_tt, mask=rmask, other=0)
                 dow = tl.load(dow_ptr + b * stride_tb + t * stride_tt, mask=rmask, other=0)
+                # Out-of-range slots read nothing (callers validate; this keeps memory safe).
                 emask = rmask[:, None] & amask[None, :]
-                a += tl.load(e_tod_ptr + (br * S + tod[:, None]) * A + aa[None, :], mask=emask, other=0.0)
-                a += tl.load(e_dow_ptr + (br * 7 + dow[:, None]) * A + aa[None, :], mask=emask, other=0.0)
+                a += tl.load(e_tod_ptr + (br * S + tod[:, None]) * A + aa[None, :],
+                             mask=emask & ((tod >= 0) & (tod < S))[:, None], other=0.0)
+                a += tl.load(e_dow_ptr + (br * 7 + dow[:, None]) * A + aa[None, :],
+                             mask=emask & ((dow >= 0) & (dow < 7))[:, None], other=0.0)
             g = gelu(a).to(dt)
             w_out = tl.load(w_out_ptr + br * T * A * D + (t * A + aa[:, None]) * D + cols[None, :],
                             mask=amask[:, None] & cmask[None, :], other=0.0).to(dt)  # [BLOCK_A, BLOCK_D]
@@ -123,6 +126,12 @@ def _token_adapter_kernel(
         tl.store(z_rows + cols[None, :] * stride_zd, out.to(z_ptr.dtype.element_ty), mask=m)
 
 
+def adapter_blocks(rows: int, K: int, A: int, D: int) -> dict:
+    """Launch constants for ``rows`` tokens per branch (tests/test_kernels_compile.py checks them with ptxas)."""
+    return {"BLOCK_M": 16 if rows <= 1024 else 32, "BLOCK_K": block(K), "BLOCK_A": block(A),
+            "BLOCK_D": min(64, block(D)), "num_warps": 8}
+
+
 @triton_op("stvfm::token_adapter", mutates_args=())
 def token_adapter(u: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[torch.Tensor],
                   w_in: torch.Tensor, b_in: torch.Tensor, e_step: torch.Tensor,
@@ -148,9 +157,8 @@ def token_adapter(u: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[to
     tod_ = tod if has_time else b_in  # any pointer: never read when HAS_TIME is False
     dow_ = dow if has_time else b_in
     S = e_tod.shape[1] if has_time else 0
-    # Blocks checked with ptxas for sm_90 (D=768, A=64, T=12): <= 250 registers, no spills, bf16 and fp32.
-    BLOCK_M = 16 if B * n <= 1024 else 32
-    grid = (triton.cdiv(B * n, BLOCK_M), 2)
+    blocks = adapter_blocks(B * n, K, A, D)
+    grid = (triton.cdiv(B * n, blocks["BLOCK_M"]), 2)
     wrap_triton(_token_adapter_kernel)[grid](
         u, tod_, dow_, w_in, b_in, e_step,
         e_tod if has_time else b_in, e_dow if has_time else b_in,
@@ -160,7 +168,7 @@ def token_adapter(u: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[to
         *pos.stride(), *z.stride(),
         B, n, T, K, A, D, S, P, LN_EPS,
         HAS_TIME=has_time,
-        BLOCK_M=BLOCK_M, BLOCK_K=block(K), BLOCK_A=block(A), BLOCK_D=min(64, block(D)), num_warps=8,
+        **blocks,
         **dot_flags(_token_adapter_kernel, u.dtype),
     )
     return z
