@@ -175,11 +175,14 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=_positive, default=200, help="training steps (default 200, about a minute on 2 cores)")
     p.add_argument("--workdir", metavar="DIR", help="keep the checkpoint and engine here (default: a temp folder)")
     p.add_argument("--no-build", action="store_true", help="stop after training and evaluation")
+    p.add_argument("--backends", default="onnxruntime",
+                   help="backends to build for the latency comparison (default onnxruntime; add aoti for AOTInductor)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from stvfm_engine.demo import run_demo
 
-    run_demo(max_steps=args.max_steps, workdir=args.workdir, build=not args.no_build)
+    run_demo(max_steps=args.max_steps, workdir=args.workdir, build=not args.no_build,
+             backends=[b.strip() for b in args.backends.split(",") if b.strip()])
     return 0

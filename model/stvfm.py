@@ -149,8 +149,8 @@ class FrozenViT(nn.Module):
         """Recompute ``patch_pos`` and ``prefix`` from the backbone's weights."""
         from timm.layers import resample_abs_pos_embed
 
-        ref = self.blocks[0].norm1.weight if len(self.blocks) else self.norm_pre.weight
-        device, dtype = ref.device, ref.dtype
+        ref = next(iter(self.parameters()), None)  # any weight tells where the model lives
+        device, dtype = (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), torch.float32)
         D, P = self.embed_dim, self.num_prefix_tokens
         prefix_params = self._prefix_params()
         prefix = (torch.cat([t.float() for t in prefix_params], dim=1) if prefix_params

@@ -8,29 +8,20 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 
-def _median_ms(fn, calls: int = 30, drop: int = 5) -> float:
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times[drop:])
-
-
-def run_demo(max_steps: int = 200, workdir: Optional[str] = None, build: bool = True) -> dict:
+def run_demo(max_steps: int = 200, workdir: Optional[str] = None, build: bool = True,
+             backends: Sequence[str] = ("onnxruntime",)) -> dict:
     from stvfm_engine.model.checkpoint import save_checkpoint
     from stvfm_engine.model.config import from_preset
     from stvfm_engine.model.data import flow_data_from_array, synthetic_flow
     from stvfm_engine.model.stvfm import build_model
-    from stvfm_engine.model.train import test_metrics, train
+    from stvfm_engine.model.train import test_metrics, train, windows_for
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     tmp = None
@@ -60,26 +51,27 @@ def run_demo(max_steps: int = 200, workdir: Optional[str] = None, build: bool = 
         from stvfm_engine.engine import Engine
         from stvfm_engine.export.build import build_engine
 
-        engine_dir = build_engine(ckpt, work / "demo.engine")
+        from stvfm_engine.bench.timing import Schedule, time_interleaved
+
+        engine_dir = build_engine(ckpt, work / "demo.engine", backends=backends)
         engine = Engine.load(engine_dir)
-        x, _, tod, dow = next(data_windows(model, data))
-        xt, todt, dowt = (torch.from_numpy(a) for a in (x, tod, dow))
-        with torch.inference_mode():
-            eager_ms = _median_ms(lambda: model(xt, todt, dowt))
-        engine_ms = _median_ms(lambda: engine.predict(x, tod, dow))
-        print(f"latency, batch 1, {torch.get_num_threads()} threads (median of 25 calls):")
-        print(f"  eager PyTorch        {eager_ms:8.3f} ms")
-        print(f"  engine ({engine.backend:<12}){engine_ms:8.3f} ms   {eager_ms / engine_ms:.2f}x")
-        out.update(engine=str(engine_dir), backend=engine.backend, eager_ms=eager_ms, engine_ms=engine_ms)
+        eager = Engine.load(engine_dir, backend="eager")
+        x, _, tod, dow = windows_for(model, data, "test").batch(np.array([0]))
+        y_engine, y_eager = engine.predict(x, tod, dow), eager.predict(x, tod, dow)
+        err = float(np.linalg.norm(y_engine - y_eager) / np.linalg.norm(y_eager))
+        schedule = Schedule(warmup=5, rounds=6, block=10, drop=3)
+        ms = time_interleaved({"eager": lambda: eager.predict(x, tod, dow),
+                               engine.backend: lambda: engine.predict(x, tod, dow)}, schedule)
+        eager_ms, engine_ms = statistics.median(ms["eager"]), statistics.median(ms[engine.backend])
+        print(f"latency, batch 1, {torch.get_num_threads()} threads (medians, {schedule.kept_per_variant} calls each, "
+              "interleaved in blocks):")
+        print(f"  eager PyTorch          {eager_ms:8.3f} ms")
+        print(f"  engine ({engine.backend}) {engine_ms:8.3f} ms   {eager_ms / engine_ms:.2f}x faster, "
+              f"rel. error vs eager {err:.1e}")
+        out.update(engine=str(engine_dir), backend=engine.backend, eager_ms=eager_ms, engine_ms=engine_ms,
+                   rel_error=err)
         return out
     finally:
         if tmp is not None:
             tmp.cleanup()
 
-
-def data_windows(model, data):
-    from stvfm_engine.model.train import windows_for
-
-    w = windows_for(model, data, "test")
-    for i in range(len(w)):
-        yield w.batch(np.array([i]))
