@@ -123,12 +123,20 @@ def open_targets(targets: Sequence[str | os.PathLike], backends: Sequence[str], 
                 build_engine(target, out, backends=artifacts or None, precision=p or "fp32", device=device or "cpu",
                              progress=progress)
                 dirs.append((out, p))
+        from stvfm_engine.export.manifest import read_manifest
+
         variants: list[Variant] = []
         seen_torch = False
         for d, p in dirs:
-            wanted = [b for b in backends if b in ARTIFACT_BACKENDS or not seen_torch]
+            built = read_manifest(d)["backends"]
+            # several engines: each gives the artifacts it holds; eager/triton come from the first
+            wanted = [b for b in backends if (b in built if len(dirs) > 1 and b in ARTIFACT_BACKENDS
+                                              else b in ARTIFACT_BACKENDS or not seen_torch)]
             seen_torch = True
             variants += engine_variants(d, wanted, p, threads, device)
+        missing = [b for b in backends if b not in {v.backend for v in variants}]
+        if missing:
+            raise BenchError(f"no engine given holds {missing}")
         configs = {Path(v.engine_dir): None for v in variants}
         _check_same_config([d for d in configs])
         yield variants, dirs[0][0]
