@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -75,6 +77,40 @@ def run_status(backend: str, device: str) -> Optional[str]:
     return f"unknown backend {backend!r}; expected one of {list(BACKENDS)}"
 
 
+def _major_minor(version: Any) -> Optional[tuple[int, int]]:
+    m = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _installed(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_problem(backend: str, manifest: dict[str, Any]) -> Optional[str]:
+    """None when this machine's libraries can load ``backend``'s artifact as the manifest records it
+    was built, else why not: ``model.pt2`` needs the torch major.minor it was built with, ``model.plan``
+    the exact TensorRT version. ONNX Runtime checks the ONNX file's opset itself when it opens it;
+    ``eager`` and ``triton`` run from the weights and need no particular version."""
+    versions = manifest.get("versions") or {}
+    if backend == "aoti":
+        built, here = versions.get("torch"), torch.__version__
+        if _major_minor(built) is None or _major_minor(built) != _major_minor(here):
+            return (f"model.pt2 was built with torch {built}, this is torch {here} "
+                    "(an AOTInductor package needs the torch major.minor it was built with)")
+    if backend == "tensorrt":
+        built, here = versions.get("tensorrt"), _installed("tensorrt")
+        if here is not None and built != here:
+            return f"model.plan was built with TensorRT {built}, this is TensorRT {here} (a plan needs the exact version)"
+    return None
+
+
+def rebuild_hint(directory: str | Path) -> str:
+    return f"rebuild it on this machine: stvfm-engine build CKPT -o {directory}"
+
+
 # ----------------------------------------------------------------------------- tensors in and out
 def _to_torch(a: Any, device: torch.device) -> Optional[torch.Tensor]:
     if a is None:
@@ -125,7 +161,8 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise BackendError(f"onnxruntime cannot open {path}: {str(e).strip().splitlines()[0]}") from None
+            raise BackendError(f"onnxruntime {ort.__version__} cannot open {path} (e.g. an opset it does not support; "
+                               f"{rebuild_hint(path.parent)}): {str(e).strip().splitlines()[0]}") from None
         self.names = input_names(config)
         self.out_tail = [config.horizon, config.channels, config.height, config.width]
 

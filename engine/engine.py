@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from stvfm_engine.engine.backends import (ARTIFACT_BACKENDS, ARTIFACT_FILES, BACKENDS, BackendError, Runner,
-                                          cuda_status, open_backend, run_status)
+                                          cuda_status, open_backend, rebuild_hint, run_status,
+                                          version_problem)
 from stvfm_engine.engine.inputs import validate_inputs
 from stvfm_engine.engine.reference import reference_model
 from stvfm_engine.export.manifest import WEIGHTS_NAME, read_manifest, verify_files
@@ -32,7 +33,7 @@ def choose_backend(manifest: dict[str, Any], device: Optional[str] = None,
             continue
         if precision and entry["precision"] != precision:
             continue
-        if run_status(name, kind) is None:
+        if run_status(name, kind) is None and version_problem(name, manifest) is None:
             return name, device or entry["device"]
     return "eager", device or ("cuda" if cuda_status() is None else "cpu")
 
@@ -103,6 +104,8 @@ class Engine:
             files = [WEIGHTS_NAME]
         if verify:
             verify_files(directory, manifest, files)
+        if why := version_problem(backend, manifest):
+            raise BackendError(f"{directory}: {why}; {rebuild_hint(directory)}")
         runner = open_backend(backend, directory, STVFMConfig.from_dict(manifest["config"]), get_precision(precision),
                               device, threads, reference=lambda: reference_model(directory, manifest, verify=False))
         return cls(directory, manifest, backend, precision, str(device),

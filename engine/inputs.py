@@ -45,7 +45,8 @@ def _check_x(x: Array) -> Array:
         return x
     if not np.issubdtype(x.dtype, np.floating):
         raise InputError(f"expected x float32 (any float dtype is converted), got {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is reported just below
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         raise InputError(f"x holds {bad} non-finite values (NaN or inf); expected finite float32")

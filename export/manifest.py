@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -96,7 +97,36 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise EngineDirError(f"{path}: manifest lacks {missing}")
+    if problem := _structure_problem(manifest):
+        raise EngineDirError(f"{path}: malformed manifest: {problem}")
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DEVICE = re.compile(r"(cpu|cuda)(:[0-9]+)?")
+
+
+def _structure_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a manifest's fields (None if nothing): readers index them freely."""
+    if not all(isinstance(m[k], dict) for k in ("config", "normalization", "io", "files", "backends")):
+        return "expected objects for config, normalization, io, files and backends"
+    mb = m["max_batch"]
+    if not isinstance(mb, int) or isinstance(mb, bool) or mb < 1:
+        return f"expected max_batch an integer >= 1, found {mb!r}"
+    if not isinstance(m.get("versions", {}), dict):
+        return "expected versions an object"
+    for name, rec in m["files"].items():
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+            return f"file name {name!r} is not a plain relative path inside the directory"
+        if (not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or not _SHA256.fullmatch(rec["sha256"])
+                or not isinstance(rec.get("bytes"), int)):
+            return f"expected files[{name!r}] as {{sha256: 64 hex digits, bytes: int}}, found {rec!r:.80}"
+    for name, entry in m["backends"].items():
+        if (not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("file", "precision", "device"))
+                or not _DEVICE.fullmatch(entry["device"])):
+            return f"expected backends[{name!r}] with file, precision and device (cpu or cuda[:N]), found {entry!r:.80}"
+    return None
 
 
 def verify_files(directory: str | os.PathLike, manifest: dict[str, Any], names: Iterable[str] | None = None) -> None:

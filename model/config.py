@@ -78,6 +78,9 @@ class STVFMConfig:
                 raise ConfigError(msg)
 
         need(isinstance(self.backbone, str) and self.backbone != "", "backbone must be a timm model name")
+        # a name only: timm's 'hf-hub:...' / 'local-dir:...' sources would make loading a checkpoint fetch or read files
+        need(not any(ch in self.backbone for ch in ":/\\"),
+             f"backbone must be a plain timm model name, got {self.backbone!r} (no hf-hub:/local-dir: sources or paths)")
         for name in ("history", "horizon", "channels", "height", "width", "patch", "adapter_dim", "prompts"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -63,7 +64,9 @@ def load_backbone_weights(model: STVFM, path: str | os.PathLike) -> int:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. a pickle protocol notice: the error below is the one line
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any parse failure of an untrusted file is the user's input error
         raise CheckpointError(f"{path}: not readable backbone weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     for key in ("state_dict", "model"):

@@ -1,8 +1,9 @@
 """The ``stvfm-engine`` command line: argparse sub-commands over the library's typed functions.
 
 Each package contributes its sub-commands through a ``commands.py`` with ``register(subparsers)``.
-Results go to stdout; progress and logs to stderr. An expected failure (:class:`STVFMError`) is one
-line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+Results go to stdout; progress and logs to stderr. An expected failure (:class:`STVFMError`, or an
+:class:`OSError` such as an unwritable output path) is one line on stderr and exit code 2; ``--debug``
+shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except STVFMError as e:
+    except (STVFMError, OSError) as e:  # OSError: an unwritable/unreadable path, a full disk
         if args.debug:
             raise
         print(f"stvfm-engine {args.command}: error: {e}", file=sys.stderr)
