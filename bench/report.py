@@ -3,7 +3,6 @@ JSON writer and the readable stdout table."""
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -13,12 +12,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from stvfm_engine.atomic import atomic_path
+from stvfm_engine.export.manifest import library_versions
 
 RESULT_KEYS = ("backend", "batch", "precision", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
                "peak_mem_mb", "speedup_vs_eager")
-_VERSIONED = ("torch", "onnxruntime", "onnx", "onnxscript", "timm", "numpy", "triton", "tensorrt", "stvfm-engine")
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -65,16 +62,6 @@ def _nvidia_driver() -> Optional[str]:
         return None
 
 
-def versions() -> dict[str, Optional[str]]:
-    out: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for dist in _VERSIONED:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def git_sha() -> Optional[str]:
     """The commit of this source tree (``+dirty`` when it has uncommitted changes); None outside git."""
     root = Path(__file__).resolve().parents[1]
@@ -90,7 +77,7 @@ def git_sha() -> Optional[str]:
 
 
 def header(device: str = "cpu", command: Optional[Sequence[str]] = None) -> dict:
-    return {"device": device_info(device), "versions": versions(), "git_sha": git_sha(),
+    return {"device": device_info(device), "versions": library_versions(), "git_sha": git_sha(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(command if command is not None else ["stvfm-engine", *sys.argv[1:]])}
 

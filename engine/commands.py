@@ -7,15 +7,9 @@ import time
 import zipfile
 
 from stvfm_engine.errors import InputError
+from stvfm_engine.cli import positive_int
 
 BACKEND_NAMES = ("onnxruntime", "aoti", "tensorrt", "eager", "triton")
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return v
 
 
 def read_npz(path: str) -> dict:
@@ -66,5 +60,5 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=BACKEND_NAMES, help="default: the fastest available")
     p.add_argument("--precision", help="must match the artifact's (eager/triton: any of fp32, bf16, fp16)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: the artifact's)")
-    p.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
     p.set_defaults(func=cmd_run)

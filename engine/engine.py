@@ -9,12 +9,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from stvfm_engine.engine.backends import (ARTIFACT_BACKENDS, ARTIFACT_FILES, BACKENDS, BackendError, Runner,
+from stvfm_engine.engine.backends import (ARTIFACT_BACKENDS, BACKENDS, BackendError, Runner,
                                           cuda_status, open_backend, rebuild_hint, run_status,
                                           version_problem)
 from stvfm_engine.engine.inputs import validate_inputs
 from stvfm_engine.engine.reference import reference_model
-from stvfm_engine.export.manifest import WEIGHTS_NAME, read_manifest, verify_files
+from stvfm_engine.export.manifest import read_manifest, verify_files
 from stvfm_engine.export.precision import get_precision
 from stvfm_engine.model.config import STVFMConfig
 
@@ -68,7 +68,7 @@ class Engine:
         fastest this manifest and machine allow); ``precision`` must match a built artifact's (the
         ``eager``/``triton`` backends take any); ``device`` ``cpu``/``cuda[:N]`` (None: the artifact's);
         ``threads`` sets ONNX Runtime's intra-op threads (the torch backends use the process's torch
-        thread pool, which loading never changes). ``verify`` checks the sha256 of the files used.
+        thread pool, which loading never changes). ``verify`` checks the sha256 of every file the manifest lists.
         """
         directory = Path(directory)
         manifest = read_manifest(directory)
@@ -97,13 +97,11 @@ class Engine:
             if backend != "onnxruntime" and torch.device(device).type != built:
                 raise BackendError(f"{directory}: the {backend} artifact was built for {built}, not {device} "
                                    f"(rebuild with --device {torch.device(device).type})")
-            files = [ARTIFACT_FILES[backend]]
         else:
             precision = precision or "fp32"
             device = device or ("cuda" if cuda_status() is None else "cpu")
-            files = [WEIGHTS_NAME]
-        if verify:
-            verify_files(directory, manifest, files)
+        if verify:  # every file the manifest lists, whatever backend is asked for: a mixed-up DIR is refused whole
+            verify_files(directory, manifest)
         if why := version_problem(backend, manifest):
             raise BackendError(f"{directory}: {why}; {rebuild_hint(directory)}")
         runner = open_backend(backend, directory, STVFMConfig.from_dict(manifest["config"]), get_precision(precision),

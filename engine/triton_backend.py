@@ -70,7 +70,7 @@ class TritonPredictor:
         from stvfm_engine.kernels.prompt_attention import condition_weights, coordination_weights
         from stvfm_engine.kernels.token_adapter import adapter_weights
 
-        self.config = c = model.config
+        self.config = model.config
         self.dtype, self.device = dtype, device
         self.prefix_tokens = model.backbone.num_prefix_tokens
         self.dim = model.dim

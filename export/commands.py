@@ -3,19 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from stvfm_engine.export.precision import PRECISIONS
+from stvfm_engine.cli import positive_int
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 ARTIFACTS = ("onnxruntime", "aoti", "tensorrt")
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return v
 
 
 def _human_bytes(n: int) -> str:
@@ -143,7 +136,7 @@ def register(sub) -> None:
                                                           "(refused beyond --max-mae-loss vs fp32)")
     p.add_argument("--max-mae-loss", type=float, default=0.01, help="int8: allowed relative test-MAE loss (default 0.01)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--max-batch", type=_positive, default=64, metavar="N",
+    p.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
                    help="every artifact accepts batches 1..N (default 64)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_build)

@@ -6,39 +6,26 @@ import json
 import sys
 
 from stvfm_engine.model.config import PRESETS
+from stvfm_engine.cli import non_negative_int, positive_int
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return v
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model configuration (overrides the preset)")
     g.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch16_224.dino, "
                                       "vit_base_patch16_clip_224.openai, deit_small_patch16_224")
-    g.add_argument("--backbone-layers", type=_positive, metavar="L", help="use the first L blocks (default: all)")
-    g.add_argument("--history", type=_positive, metavar="T", help="history steps in")
-    g.add_argument("--horizon", type=_positive, metavar="T_OUT", help="forecast steps out")
-    g.add_argument("--channels", type=_positive, metavar="C")
-    g.add_argument("--height", type=_positive, metavar="H")
-    g.add_argument("--width", type=_positive, metavar="W")
-    g.add_argument("--patch", type=_positive, metavar="P", help="patch size p (grid zero-padded to multiples of p)")
-    g.add_argument("--adapter-dim", type=_positive, metavar="D", help="token adapter width d_a")
-    g.add_argument("--prompts", type=_positive, metavar="M", help="prompts per branch")
-    g.add_argument("--heads", type=_positive, metavar="N", help="attention heads of the prompt attention (default D/64)")
-    g.add_argument("--steps-per-day", type=_non_negative, metavar="S", help="time-of-day slots; 0 = no time inputs")
+    g.add_argument("--backbone-layers", type=positive_int, metavar="L", help="use the first L blocks (default: all)")
+    g.add_argument("--history", type=positive_int, metavar="T", help="history steps in")
+    g.add_argument("--horizon", type=positive_int, metavar="T_OUT", help="forecast steps out")
+    g.add_argument("--channels", type=positive_int, metavar="C")
+    g.add_argument("--height", type=positive_int, metavar="H")
+    g.add_argument("--width", type=positive_int, metavar="W")
+    g.add_argument("--patch", type=positive_int, metavar="P", help="patch size p (grid zero-padded to multiples of p)")
+    g.add_argument("--adapter-dim", type=positive_int, metavar="D", help="token adapter width d_a")
+    g.add_argument("--prompts", type=positive_int, metavar="M", help="prompts per branch")
+    g.add_argument("--heads", type=positive_int, metavar="N", help="attention heads of the prompt attention (default D/64)")
+    g.add_argument("--steps-per-day", type=non_negative_int, metavar="S", help="time-of-day slots; 0 = no time inputs")
 
 
 def _config_overrides(args: argparse.Namespace) -> dict:
@@ -144,10 +131,10 @@ def register(sub) -> None:
     src.add_argument("--init", metavar="CKPT", help="start from this checkpoint's weights and configuration")
     p.add_argument("--data", required=True, metavar="PREFIX",
                    help="data prefix: reads PREFIX_train.npz, PREFIX_val.npz, PREFIX_test.npz ('flow' [steps, H, W, C])")
-    p.add_argument("--max-steps", type=_positive, default=600, help="optimizer steps (default 600)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="windows per step (default 32)")
+    p.add_argument("--max-steps", type=positive_int, default=600, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per step (default 32)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine decay (default 1e-3)")
-    p.add_argument("--eval-every", type=_positive, default=100, help="validate every N steps (default 100)")
+    p.add_argument("--eval-every", type=positive_int, default=100, help="validate every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of initial weights and batch order (default 0)")
     p.add_argument("--start-dow", type=int, default=0, choices=range(7), metavar="D",
                    help="day of week of the data's first step, 0=Monday (default 0); stored in the checkpoint")
@@ -172,7 +159,7 @@ def register(sub) -> None:
         description="Runs without GPU, network or data files: synthesises a periodic city-flow grid, trains the\n"
                     "tiny preset for a short while on the CPU, prints model vs persistence vs historical average,\n"
                     "then builds an engine and prints eager vs engine latency.")
-    p.add_argument("--max-steps", type=_positive, default=200, help="training steps (default 200, about a minute on 2 cores)")
+    p.add_argument("--max-steps", type=positive_int, default=200, help="training steps (default 200, about a minute on 2 cores)")
     p.add_argument("--workdir", metavar="DIR", help="keep the checkpoint and engine here (default: a temp folder)")
     p.add_argument("--no-build", action="store_true", help="stop after training and evaluation")
     p.add_argument("--backends", default="onnxruntime",

@@ -13,6 +13,11 @@ from stvfm_engine.errors import ConfigError
 
 
 
+# A checkpoint is untrusted data: a config may not ask for unbounded memory (the `large` preset has
+# 256 tokens per branch; a 1024 x 1024 grid at p=4 is 65536).
+MAX_TOKENS = 65536
+
+
 @dataclass
 class STVFMConfig:
     backbone: str = "vit_tiny_patch16_224"
@@ -92,6 +97,9 @@ class STVFMConfig:
              f"steps_per_day must be an integer >= 0, got {self.steps_per_day!r}")
         need(isinstance(self.start_dow, int) and 0 <= self.start_dow < 7,
              f"start_dow must be in [0, 7), got {self.start_dow!r}")
+        need(self.num_tokens <= MAX_TOKENS and self.history * self.token_dim <= MAX_TOKENS,
+             f"grid {self.height}x{self.width} with patch {self.patch} gives {self.num_tokens} tokens per branch and "
+             f"{self.history * self.token_dim} values per token; expected at most {MAX_TOKENS} of each")
         return self
 
 

@@ -7,7 +7,6 @@ per module; odd configurations build the ONNX artifact only, plus one reduced-pr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np

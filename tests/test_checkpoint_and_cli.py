@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -14,8 +13,8 @@ import torch
 from stvfm_engine import load_model, save_checkpoint
 from stvfm_engine.cli import main
 from stvfm_engine.errors import CheckpointError
-from stvfm_engine.model.config import STVFMConfig, from_preset
-from stvfm_engine.model.data import FlowData, FlowSeries, Windows, flow_data_from_array, load_flow_data, synthetic_flow
+from stvfm_engine.model.config import STVFMConfig
+from stvfm_engine.model.data import Windows, flow_data_from_array, load_flow_data, synthetic_flow
 from stvfm_engine.model.stvfm import build_model
 from stvfm_engine.model.train import train
 

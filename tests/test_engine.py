@@ -180,9 +180,11 @@ def test_tampered_artifact_is_refused(engine_dir, tmp_path):
     data = bytearray((copy / "model.pt2").read_bytes())
     data[-100] ^= 0xFF
     (copy / "model.pt2").write_bytes(bytes(data))
-    with pytest.raises(EngineDirError, match="model.pt2 does not match its sha256"):
-        Engine.load(copy, backend="aoti")
-    Engine.load(copy, backend="onnxruntime")  # the untouched artifact still loads
+    for backend in ("aoti", "onnxruntime", "eager", None):  # every listed file, whatever backend is asked for
+        with pytest.raises(EngineDirError, match="model.pt2 does not match its sha256"):
+            Engine.load(copy, backend=backend)
+    Engine.load(copy, backend="onnxruntime", verify=False)  # the opt-out skips the check
+    shutil.copy(engine_dir / "model.pt2", copy / "model.pt2")
     (copy / "weights.safetensors").write_bytes(b"garbage")
     with pytest.raises(EngineDirError, match="weights.safetensors does not match"):
         Engine.load(copy, backend="eager")
