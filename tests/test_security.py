@@ -369,6 +369,7 @@ def test_external_data_and_unbuilt_artifacts_are_verified(world, tmp_path):
     (d / "model.onnx.data").write_bytes(b"external weightz")
     with pytest.raises(EngineDirError, match="model.onnx.data does not match its sha256"):
         Engine.load(d, backend="onnxruntime")
+    (d / "model.onnx.data").write_bytes(b"external weights")  # intact again: only the plan is wrong below
     (d / "model.plan").write_bytes(b"plan")
     entry = {"file": "model.plan", "precision": "fp16", "device": "cuda", "parity": {}, "build_seconds": 1.0}
 
