@@ -17,10 +17,15 @@ def read_npz(path: str) -> dict:
     import numpy as np
 
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise InputError(f"{path}: expected an .npz archive with arrays x[, tod, dow], found a single .npy array")
+        with data:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise InputError(f"input {path!r} not found") from None
+    except InputError:
+        raise
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise InputError(f"{path}: not a readable .npz of plain arrays ({e})") from None
 

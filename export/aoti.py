@@ -2,6 +2,8 @@
 ``torch._inductor.aoti_compile_and_package`` for the CPU or a CUDA device."""
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ from stvfm_engine.model.stvfm import STVFM
 
 def export_aoti(model: STVFM, path: Path, precision: Precision, device: str, max_batch: int) -> Path:
     """Compile the served graph of ``model`` (in ``precision``, on ``device``) into the package ``path``."""
-    serving = ServingModel(model, precision).to(device).eval()
+    # a copy: moving the shared fp32 build model to the device would break the other builders' parity runs
+    serving = ServingModel(copy.deepcopy(model), precision).to(device).eval()
     args = example_inputs(model, batch=2, device=device)
     with contextlib.redirect_stdout(sys.stderr):
         try:

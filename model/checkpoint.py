@@ -97,6 +97,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> S
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: shape mismatch for {k}: expected {list(v.shape)}, found {list(state[k].shape)}")
+        if state[k].is_floating_point() != v.is_floating_point():
+            raise CheckpointError(f"{source}: dtype mismatch for {k}: expected {v.dtype}, found {state[k].dtype}")
     state = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     norm = ckpt["normalization"]

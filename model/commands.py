@@ -11,6 +11,16 @@ from stvfm_engine.cli import non_negative_int, positive_int
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite learning rate > 0, got {text!r}")
+    return value
+
+
 def _config_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model configuration (overrides the preset)")
     g.add_argument("--backbone", help="timm ViT name, e.g. vit_small_patch16_224.dino, "
@@ -133,11 +143,12 @@ def register(sub) -> None:
                    help="data prefix: reads PREFIX_train.npz, PREFIX_val.npz, PREFIX_test.npz ('flow' [steps, H, W, C])")
     p.add_argument("--max-steps", type=positive_int, default=600, help="optimizer steps (default 600)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="windows per step (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--lr", type=_learning_rate, default=1e-3, help="peak AdamW learning rate, cosine decay (default 1e-3)")
     p.add_argument("--eval-every", type=positive_int, default=100, help="validate every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of initial weights and batch order (default 0)")
-    p.add_argument("--start-dow", type=int, default=0, choices=range(7), metavar="D",
-                   help="day of week of the data's first step, 0=Monday (default 0); stored in the checkpoint")
+    p.add_argument("--start-dow", type=int, default=None, choices=range(7), metavar="D",
+                   help="day of week of the data's first step, 0=Monday (default: the --init checkpoint's, "
+                        "else 0); stored in the checkpoint")
     p.add_argument("--backbone-weights", metavar="FILE",
                    help="local pretrained timm backbone weights (.safetensors, or a torch file read with weights_only=True)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

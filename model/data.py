@@ -55,7 +55,10 @@ class FlowData:
 
 def _read_flow(path: Path) -> np.ndarray:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: expected an .npz archive holding 'flow', found a single .npy array")
+        with z:
             if "flow" not in z.files:
                 raise DataError(f"{path}: expected an array named 'flow', found {z.files}")
             flow = z["flow"]

@@ -133,6 +133,9 @@ def train(model: STVFM, data: FlowData, max_steps: int = 600, batch_size: int = 
                     best = (val, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
                 bar.update(task, status=f"loss {loss.item():.4f} val {val:.4f} (best {best[0]:.4f} @ {best[1]})")
             bar.advance(task)
+    if best[2] is None:
+        raise DataError(f"training diverged: the validation loss was never finite (last {history[-1]['val_loss']}); "
+                        "try a smaller --lr")
     model.load_state_dict(best[2])
     model.eval()
     return TrainResult(best[1], best[0], max_steps, time.perf_counter() - start, history)

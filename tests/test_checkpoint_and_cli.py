@@ -76,6 +76,7 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     (lambda d: d["state_dict"].pop("bcpc.fuse.bias"), "missing"),
     (lambda d: d["config"].update(patch=0), "patch must be"),
     (lambda d: d.pop("normalization"), "normalization"),
+    (lambda d: d["state_dict"].update({"head.bias": torch.zeros(16, dtype=torch.int64)}), "dtype mismatch for head.bias"),
 ])
 def test_bad_checkpoints_are_one_line_errors(tmp_path, mutate, match):
     from stvfm_engine.model.checkpoint import checkpoint_dict
@@ -126,6 +127,19 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert not any(tmp_path.iterdir())
     r = run_cli("--debug", "init", "--heads", "5", "-o", str(tmp_path / "b.pt"))
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_bad_learning_rate_and_npy_data_are_one_line_errors(tmp_path):
+    r = run_cli("train", "--preset", "tiny", "--data", "x", "--lr", "-1", "-o", str(tmp_path / "a.pt"))
+    assert r.returncode == 2 and "learning rate" in r.stderr
+    for name in ("train", "val", "test"):
+        np.save(tmp_path / f"d_{name}.npz.npy", np.ones((30, 4, 3, 2)))
+        (tmp_path / f"d_{name}.npz.npy").rename(tmp_path / f"d_{name}.npz")
+    from stvfm_engine.errors import DataError
+
+    with pytest.raises(DataError, match="single .npy array"):
+        load_flow_data(tmp_path / "d")
+    assert not (tmp_path / "a.pt").exists()
 
 
 def test_help_teaches():
