@@ -170,7 +170,7 @@ def register(sub) -> None:
         description="Runs without GPU, network or data files: synthesises a periodic city-flow grid, trains the\n"
                     "tiny preset for a short while on the CPU, prints model vs persistence vs historical average,\n"
                     "then builds an engine and prints eager vs engine latency.")
-    p.add_argument("--max-steps", type=positive_int, default=200, help="training steps (default 200, about a minute on 2 cores)")
+    p.add_argument("--max-steps", type=positive_int, default=400, help="training steps (default 400, about a minute on 2 cores)")
     p.add_argument("--workdir", metavar="DIR", help="keep the checkpoint and engine here (default: a temp folder)")
     p.add_argument("--no-build", action="store_true", help="stop after training and evaluation")
     p.add_argument("--backends", default="onnxruntime",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 
-def run_demo(max_steps: int = 200, workdir: Optional[str] = None, build: bool = True,
+def run_demo(max_steps: int = 400, workdir: Optional[str] = None, build: bool = True,
              backends: Sequence[str] = ("onnxruntime",)) -> dict:
     from stvfm_engine.model.checkpoint import save_checkpoint
     from stvfm_engine.model.config import from_preset
