@@ -219,3 +219,12 @@ def test_tiny_trained_on_nybike_beats_baselines(nyc_data, tmp_path):
     assert set(metrics) == {"model", "persistence", "historical_average"}
     assert metrics["model"]["rmse"] < metrics["persistence"]["rmse"]
     assert metrics["model"]["rmse"] < metrics["historical_average"]["rmse"]
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+    """The embedded default: synthetic data, training, baselines, an engine build and the latency line."""
+    assert main(["demo", "--max-steps", "4", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "persistence" in out and "historical_average" in out
+    assert "engine (onnxruntime)" in out and "rel. error vs eager" in out
+    assert (tmp_path / "demo.pt").is_file() and (tmp_path / "demo.engine" / "manifest.json").is_file()
