@@ -29,12 +29,14 @@ def choose_backend(manifest: dict[str, Any], device: Optional[str] = None,
     want = torch.device(device).type if device else None
     for name, kind in PREFERENCE:
         entry = manifest["backends"].get(name)
-        if entry is None or torch.device(entry["device"]).type != kind or (want and want != kind):
+        # model.onnx runs on any device ONNX Runtime has a provider for; the other artifacts are device code
+        built = kind if name == "onnxruntime" else torch.device(entry["device"]).type if entry else None
+        if entry is None or built != kind or (want and want != kind):
             continue
         if precision and entry["precision"] != precision:
             continue
         if run_status(name, kind) is None and version_problem(name, manifest) is None:
-            return name, device or entry["device"]
+            return name, device or kind
     return "eager", device or ("cuda" if cuda_status() is None else "cpu")
 
 
@@ -93,6 +95,8 @@ class Engine:
                                    f"(rebuild with --precision {precision})")
             precision = entry["precision"]
             built = torch.device(entry["device"]).type
+            if device is None and backend == "onnxruntime" and run_status(backend, built) is not None:
+                device = "cpu"  # built on a GPU machine, served here: model.onnx runs on the CPU provider too
             device = device or entry["device"]
             if backend != "onnxruntime" and torch.device(device).type != built:
                 raise BackendError(f"{directory}: the {backend} artifact was built for {built}, not {device} "

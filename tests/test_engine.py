@@ -233,3 +233,27 @@ def test_cli_run_errors(engine_dir, tmp_path, capsys):
     assert main(["run", str(engine_dir), "--input", str(tmp_path / "missing.npz"), "--output", out]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_onnx_artifact_built_on_a_gpu_machine_serves_on_the_cpu(engine_dir, tmp_path):
+    """model.onnx is device-independent: an engine built with --device cuda still serves here on the
+    CPU provider, picked by default and when asked for by name."""
+    import json
+
+    copy = tmp_path / "gpu-built"
+    shutil.copytree(engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["backends"]["onnxruntime"]["device"] = "cuda"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    if run_status("onnxruntime", "cuda") is None:
+        pytest.skip("this machine has ONNX Runtime's CUDA provider: the CPU fallback is not exercised")
+    for backend in ("onnxruntime", None):
+        engine = Engine.load(copy, backend=backend, verify=False)
+        if backend == "onnxruntime" or engine.backend == "onnxruntime":
+            assert engine.device == "cpu"
+    c = engine.config
+    rng = np.random.default_rng(5)
+    x = rng.random((2, c.history, c.channels, c.height, c.width), dtype=np.float32) * 10
+    t = (rng.integers(0, c.steps_per_day, (2, c.history)), rng.integers(0, 7, (2, c.history))) if c.uses_time else (None, None)
+    served = Engine.load(copy, backend="onnxruntime", verify=False).predict(x, *t)
+    np.testing.assert_array_equal(served, Engine.load(engine_dir, backend="onnxruntime").predict(x, *t))
