@@ -54,8 +54,15 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr too (exit code 2), pointing at ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stvfm-engine", description=DESCRIPTION,
+    parser = OneLineErrorParser(prog="stvfm-engine", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"stvfm-engine {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")

@@ -119,7 +119,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     for args in (["init", "--backbone", "resnet18", "-o", str(tmp_path / "a.pt")],
                  ["init", "--heads", "5", "-o", str(tmp_path / "b.pt")],
                  ["init", "--backbone", "no_such_model_xyz", "-o", str(tmp_path / "c.pt")],
-                 ["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "-o", str(tmp_path / "d.pt")]):
+                 ["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "-o", str(tmp_path / "d.pt")],
+                 ["init", "--preset", "tiny"],  # usage errors (argparse) are one line too
+                 ["build", "--max-batch", "0", str(tmp_path / "a.pt"), "-o", str(tmp_path / "e")],
+                 ["no-such-command"]):
         r = run_cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
