@@ -50,7 +50,7 @@ def peak_rss_mb() -> float:
 def _child(args: argparse.Namespace) -> dict:
     import torch
 
-    from stvfm_engine import Engine
+    from stvfm_engine.engine import Engine
     from stvfm_engine.bench.runner import make_inputs
 
     if args.threads:

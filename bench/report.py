@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from stvfm_engine.atomic import atomic_path
-from stvfm_engine.export.manifest import library_versions
+from stvfm_engine.engine.manifest import library_versions
+from stvfm_engine.engine.runtime import cpu_flags
 
 RESULT_KEYS = ("backend", "batch", "precision", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput",
                "peak_mem_mb", "speedup_vs_eager")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -24,16 +27,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def device_info(device: str = "cpu") -> dict:

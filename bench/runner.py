@@ -14,11 +14,11 @@ import torch
 
 from stvfm_engine.bench import memory, report, roofline, stages
 from stvfm_engine.bench.timing import Schedule, summarize, time_interleaved
+from stvfm_engine.engine import Engine
+from stvfm_engine.engine.manifest import read_manifest
+from stvfm_engine.engine.registry import BACKENDS, names
 from stvfm_engine.errors import STVFMError
 from stvfm_engine.model.config import STVFMConfig
-
-ARTIFACT_BACKENDS = ("onnxruntime", "aoti", "tensorrt")
-ALL_BACKENDS = ("eager", "onnxruntime", "aoti", "triton", "tensorrt")
 
 Predict = Callable[[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], object]
 
@@ -82,12 +82,10 @@ def parse_list(text: str, kind: type = str) -> list:
 # ----------------------------------------------------------------------------- opening engines
 def engine_variants(directory: Path, backends: Sequence[str], precision: Optional[str], threads: Optional[int],
                     device: Optional[str] = None) -> list[Variant]:
-    """Open each backend of the engine in ``directory`` (eager and triton at fp32)."""
-    from stvfm_engine import Engine
-
+    """Open each backend of the engine in ``directory`` (a weights backend at its default precision for the device)."""
     out = []
     for b in backends:
-        prec = precision if b in ARTIFACT_BACKENDS else "fp32"
+        prec = precision if BACKENDS[b].artifact else None
         eng = Engine.load(directory, backend=b, precision=prec, device=device, threads=threads)
         out.append(Variant(b, eng.precision, eng.predict, Path(directory), eng.device))
     return out
@@ -103,12 +101,12 @@ def open_targets(targets: Sequence[str | os.PathLike], backends: Sequence[str], 
     precision) into a temporary engine with the requested artifact backends. ``eager`` and
     ``triton`` are opened once, from the first target.
     """
-    bad = [b for b in backends if b not in ALL_BACKENDS]
+    bad = [b for b in backends if b not in names()]
     if bad:
-        raise BenchError(f"unknown backend(s) {bad}; expected some of {list(ALL_BACKENDS)}")
+        raise BenchError(f"unknown backend(s) {bad}; expected some of {list(names())}")
     with tempfile.TemporaryDirectory(prefix="stvfm-bench-") as tmp:
         dirs: list[tuple[Path, Optional[str]]] = []
-        artifacts = [b for b in backends if b in ARTIFACT_BACKENDS]
+        artifacts = [b for b in backends if BACKENDS[b].artifact]
         for i, target in enumerate(targets):
             target = Path(target)
             if target.is_dir():
@@ -123,15 +121,13 @@ def open_targets(targets: Sequence[str | os.PathLike], backends: Sequence[str], 
                 build_engine(target, out, backends=artifacts or None, precision=p or "fp32", device=device or "cpu",
                              progress=progress)
                 dirs.append((out, p))
-        from stvfm_engine.export.manifest import read_manifest
-
         variants: list[Variant] = []
         seen_torch = False
         for d, p in dirs:
             built = read_manifest(d)["backends"]
             # several engines: each gives the artifacts it holds; eager/triton come from the first
-            wanted = [b for b in backends if (b in built if len(dirs) > 1 and b in ARTIFACT_BACKENDS
-                                              else b in ARTIFACT_BACKENDS or not seen_torch)]
+            wanted = [b for b in backends if (b in built if len(dirs) > 1 and BACKENDS[b].artifact
+                                              else BACKENDS[b].artifact or not seen_torch)]
             seen_torch = True
             variants += engine_variants(d, wanted, p, threads, device)
         missing = [b for b in backends if b not in {v.backend for v in variants}]
@@ -143,8 +139,6 @@ def open_targets(targets: Sequence[str | os.PathLike], backends: Sequence[str], 
 
 
 def _check_same_config(dirs: Sequence[Path]) -> None:
-    from stvfm_engine.export.manifest import read_manifest
-
     configs = {str(d): read_manifest(d)["config"] for d in dirs}
     if len({repr(sorted(c.items())) for c in configs.values()}) > 1:
         raise BenchError(f"the engines compared do not share one model configuration: {sorted(configs)}")

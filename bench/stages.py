@@ -24,7 +24,6 @@ def staged_forward(model: STVFM, x: torch.Tensor, tod: Optional[torch.Tensor], d
 
     Same computation as :meth:`STVFM.forward` (``embed_tokens`` opened into its two stages).
     """
-    model.check_time_inputs(tod, dow)
     B, p = x.shape[0], model.config.patch
     with mark("normalise+flow"):
         xn = normalize(x, model.norm_mean, model.norm_std)

@@ -9,35 +9,24 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from stvfm_engine.engine.backends import (ARTIFACT_BACKENDS, BACKENDS, BackendError, Runner,
-                                          cuda_status, open_backend, rebuild_hint, run_status,
-                                          version_problem)
 from stvfm_engine.engine.inputs import validate_inputs
+from stvfm_engine.engine.manifest import read_manifest, verify_files
+from stvfm_engine.engine.precision import get_precision
 from stvfm_engine.engine.reference import reference_model
-from stvfm_engine.export.manifest import read_manifest, verify_files
-from stvfm_engine.export.precision import get_precision
+from stvfm_engine.engine.registry import OpenRequest, get_backend
+from stvfm_engine.engine.resolve import Choice, resolve
+from stvfm_engine.engine.runtime import BackendError, Runner, cuda_status, rebuild_hint
 from stvfm_engine.model.config import STVFMConfig
 
-# Fastest first, as measured on this project's machines (shared/docs/pitfalls.md): on a CPU, ONNX
-# Runtime beats AOTInductor which beats eager; on a GPU, TensorRT and AOTInductor lead.
-PREFERENCE = (("tensorrt", "cuda"), ("aoti", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"), ("aoti", "cpu"))
 
+def choose_backend(manifest: dict[str, Any], backend: Optional[str] = None, precision: Optional[str] = None,
+                   device: Optional[str] = None, directory: str | os.PathLike = "DIR") -> Choice:
+    """What ``Engine.load`` would open for these arguments on this machine (see :func:`resolve`)."""
+    def usable(name: str, kind: str) -> Optional[str]:
+        spec = get_backend(name)
+        return spec.why_not_run(kind) or spec.version_problem(manifest)
 
-def choose_backend(manifest: dict[str, Any], device: Optional[str] = None,
-                   precision: Optional[str] = None) -> tuple[str, str]:
-    """``(backend, device)``: the fastest built artifact that this machine can run (``eager`` if none)."""
-    want = torch.device(device).type if device else None
-    for name, kind in PREFERENCE:
-        entry = manifest["backends"].get(name)
-        # model.onnx runs on any device ONNX Runtime has a provider for; the other artifacts are device code
-        built = kind if name == "onnxruntime" else torch.device(entry["device"]).type if entry else None
-        if entry is None or built != kind or (want and want != kind):
-            continue
-        if precision and entry["precision"] != precision:
-            continue
-        if run_status(name, kind) is None and version_problem(name, manifest) is None:
-            return name, device or kind
-    return "eager", device or ("cuda" if cuda_status() is None else "cpu")
+    return resolve(manifest, backend, precision, device, usable, cuda=cuda_status() is None, directory=str(directory))
 
 
 class Engine:
@@ -59,7 +48,7 @@ class Engine:
         self.device = device
         self.threads = threads
         self._runner = runner
-        self._lock = None if runner.thread_safe else threading.Lock()
+        self._lock = None if runner.thread_safe and get_backend(backend).thread_safe else threading.Lock()
 
     @classmethod
     def load(cls, directory: str | os.PathLike, backend: Optional[str] = None, precision: Optional[str] = None,
@@ -74,44 +63,21 @@ class Engine:
         """
         directory = Path(directory)
         manifest = read_manifest(directory)
-        if precision is not None:
-            get_precision(precision)
-        if device is not None:
-            try:
-                device = str(torch.device(device))
-            except RuntimeError:
-                raise BackendError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
-        if backend is None:
-            backend, device = choose_backend(manifest, device, precision)
-        elif backend not in BACKENDS:
-            raise BackendError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-        if backend in ARTIFACT_BACKENDS:
-            entry = manifest["backends"].get(backend)
-            if entry is None:
-                raise BackendError(f"{directory} holds no {backend} artifact; built: {sorted(manifest['backends'])} "
-                                   "(and eager/triton run from the weights)")
-            if precision is not None and precision != entry["precision"]:
-                raise BackendError(f"{directory}: the {backend} artifact is {entry['precision']}, not {precision} "
-                                   f"(rebuild with --precision {precision})")
-            precision = entry["precision"]
-            built = torch.device(entry["device"]).type
-            if device is None and backend == "onnxruntime" and run_status(backend, built) is not None:
-                device = "cpu"  # built on a GPU machine, served here: model.onnx runs on the CPU provider too
-            device = device or entry["device"]
-            if backend != "onnxruntime" and torch.device(device).type != built:
-                raise BackendError(f"{directory}: the {backend} artifact was built for {built}, not {device} "
-                                   f"(rebuild with --device {torch.device(device).type})")
-        else:
-            precision = precision or "fp32"
-            device = device or ("cuda" if cuda_status() is None else "cpu")
+        choice = choose_backend(manifest, backend, precision, device, directory)
         if verify:  # every file the manifest lists, whatever backend is asked for: a mixed-up DIR is refused whole
             verify_files(directory, manifest)
-        if why := version_problem(backend, manifest):
+        spec = get_backend(choice.backend)
+        if why := spec.version_problem(manifest):
             raise BackendError(f"{directory}: {why}; {rebuild_hint(directory)}")
-        runner = open_backend(backend, directory, STVFMConfig.from_dict(manifest["config"]), get_precision(precision),
-                              device, threads, reference=lambda: reference_model(directory, manifest, verify=False))
-        return cls(directory, manifest, backend, precision, str(device),
-                   threads if backend == "onnxruntime" else None, runner)
+        if why := spec.why_not_run(choice.device):
+            raise BackendError(f"backend {choice.backend} cannot run on {choice.device} here: {why}")
+        config = STVFMConfig.from_dict(manifest["config"])
+        request = OpenRequest(directory, manifest["backends"].get(choice.backend) if spec.artifact else None, config,
+                              get_precision(choice.precision), torch.device(choice.device), threads,
+                              reference=lambda: reference_model(directory, manifest, verify=False))
+        runner = spec.impl().open(request)
+        return cls(directory, manifest, choice.backend, choice.precision, choice.device,
+                   threads if spec.threads else None, runner)
 
     def predict(self, x: Any, tod: Any = None, dow: Any = None) -> np.ndarray:
         """Forecast ``[B, T_out, C, H, W]`` float32 (numpy) from ``x`` ``[B, T, C, H, W]`` (numpy or torch)

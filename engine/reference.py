@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from stvfm_engine.export.manifest import WEIGHTS_NAME, EngineDirError, read_manifest, verify_files
+from stvfm_engine.engine.manifest import WEIGHTS_NAME, EngineDirError, read_manifest, verify_files
 from stvfm_engine.model.checkpoint import FORMAT_VERSION, model_from_checkpoint
 from stvfm_engine.model.stvfm import STVFM
 

@@ -20,32 +20,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stvfm_engine.errors import InputError, STVFMError
+from stvfm_engine.engine.precision import get_precision
+from stvfm_engine.errors import STVFMError
 from stvfm_engine.model.stvfm import LN_EPS, STVFM, denormalize, unpatchify
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check_runtime(device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, with a reason, every place the kernels cannot run (no silent PyTorch fallback)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cpu":
-        if not interpret:
-            raise STVFMError("the triton backend runs on a CPU only in Triton's interpreter (slow, for tests): "
-                             "set TRITON_INTERPRET=1 before starting Python, or use device='cuda'")
-    elif device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise STVFMError(f"the triton backend was asked for {device} but torch sees no CUDA device")
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise STVFMError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support: use fp16 or fp32")
-    else:
-        raise STVFMError(f"the triton backend runs on cuda (or on a CPU under TRITON_INTERPRET=1), not {device.type}")
-    from stvfm_engine.kernels.common import interpreted
-    from stvfm_engine.kernels.flow import _flow_kernel
+    from stvfm_engine.kernels import why_not_runnable
 
-    if device.type == "cpu" and not interpreted(_flow_kernel):
-        raise STVFMError("TRITON_INTERPRET=1 was set after stvfm_engine.kernels was imported, so its kernels "
-                         "were compiled for a GPU: set it before starting Python")
+    if why := why_not_runnable(device):
+        raise STVFMError(f"the triton backend cannot run on {device}: {why}")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise STVFMError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support: use fp16 or fp32")
 
 
 @dataclass
@@ -133,21 +121,10 @@ class TritonPredictor:
 
     # ------------------------------------------------------------------ helpers
     def _inputs(self, x, tod, dow):
-        c = self.config
-        want = (c.history, c.channels, c.height, c.width)
-        if x.dim() != 5 or tuple(x.shape[1:]) != want:
-            raise InputError(f"x must be [B, {', '.join(map(str, want))}], got {list(x.shape)}")
+        """Inputs already checked by :func:`~stvfm_engine.engine.inputs.validate_inputs` (``Engine.predict``
+        runs it; checking again here would cost a GPU synchronisation), moved to the device."""
         x = x.to(device=self.device, dtype=torch.float32)
-        if c.uses_time != (tod is not None) or c.uses_time != (dow is not None):
-            raise InputError(f"this model {'needs' if c.uses_time else 'takes no'} time inputs tod and dow "
-                             f"(steps_per_day={c.steps_per_day})")
         if tod is not None:
-            for name, t, high in (("tod", tod, c.steps_per_day), ("dow", dow, 7)):
-                if tuple(t.shape) != (x.shape[0], c.history):
-                    raise InputError(f"{name} must be [B, T] = [{x.shape[0]}, {c.history}], got {list(t.shape)}")
-                # A GPU-side check would cost a synchronisation; the Engine validates before this.
-                if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
-                    raise InputError(f"{name} values must be in [0, {high})")
             tod = tod.to(device=self.device, dtype=torch.int64).contiguous()
             dow = dow.to(device=self.device, dtype=torch.int64).contiguous()
         return x, tod, dow
@@ -179,9 +156,9 @@ def load_triton_backend(model: STVFM, precision: str = "fp32",
     first call of each batch size captures a CUDA graph (not under the interpreter); calls are
     serialised by a lock. Raises :class:`~stvfm_engine.errors.STVFMError` where it cannot run.
     """
-    if precision not in DTYPES:
-        raise STVFMError(f"unknown precision {precision!r} for the triton backend; expected one of {sorted(DTYPES)}")
-    dtype = DTYPES[precision]
+    dtype = get_precision(precision).dtype
+    if not dtype.is_floating_point:
+        raise STVFMError(f"the triton backend runs fp32, bf16 or fp16, not {precision}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)

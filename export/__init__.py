@@ -1,1 +1,1 @@
-"""Parity-gated builders of engine artifacts: ONNX, AOTInductor, TensorRT; the manifest."""
+"""The builders: a checkpoint -> a parity-gated engine directory (manifest, weights, one artifact per backend)."""

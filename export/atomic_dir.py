@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from stvfm_engine.errors import STVFMError
-from stvfm_engine.export.manifest import MANIFEST_NAME
+from stvfm_engine.engine.manifest import MANIFEST_NAME
 
 
 class BuildError(STVFMError):

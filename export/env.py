@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from stvfm_engine.engine.backends import ARTIFACT_BACKENDS, BACKENDS, cuda_status, run_status
-from stvfm_engine.export.build import build_status, which_compiler
-from stvfm_engine.export.manifest import library_versions
-
-UNTESTED = {"tensorrt": "untested here: no machine of this project (CPU or lent GPU) has TensorRT; "
-                        "the code path follows the TensorRT 10 API but has never run"}
+from stvfm_engine.engine.manifest import library_versions
+from stvfm_engine.engine.precision import PRECISIONS
+from stvfm_engine.engine.registry import BACKENDS
+from stvfm_engine.engine.runtime import cuda_status
+from stvfm_engine.engine.backends.aoti import which_compiler
+from stvfm_engine.kernels import why_not_runnable
 
 
 def environment() -> dict[str, Any]:
@@ -30,18 +30,19 @@ def environment() -> dict[str, Any]:
     except ImportError:
         providers = []
     backends = {}
-    for b in BACKENDS:
+    for name, spec in BACKENDS.items():
+        if spec.bench_only:
+            continue
         row: dict[str, Any] = {}
         for d in ("cpu", "cuda"):
-            if b in ARTIFACT_BACKENDS:
-                row[f"build_{d}"] = {p: build_status(b, d, p) for p in ("fp32", "bf16", "fp16")}
-            row[f"run_{d}"] = run_status(b, d)
-        if b == "triton" and cuda_status() is not None and row["run_cpu"] is None:
-            row["note"] = ("on a CPU only under TRITON_INTERPRET=1 (slow; for tests)"
-                           + ("" if os.environ.get("TRITON_INTERPRET") == "1" else ", which is not set"))
-        if b in UNTESTED:
-            row["note"] = UNTESTED[b]
-        backends[b] = row
+            if spec.artifact:
+                row[f"build_{d}"] = {p: spec.why_not_build(d, p) for p in PRECISIONS}
+            row[f"run_{d}"] = spec.why_not_run(d)
+        if spec.note:
+            row["note"] = spec.note
+        backends[name] = row
+    if (kernels := why_not_runnable("cpu")) is None and cuda_status() is not None:
+        kernels = "runnable on this CPU only because TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests)"
     return {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "devices": devices},
         "versions": library_versions(),
@@ -49,5 +50,6 @@ def environment() -> dict[str, Any]:
         "onnxruntime_providers": providers,
         "compilers": {"c++": which_compiler(), "cmake": shutil.which("cmake")},
         "torch_threads": torch.get_num_threads(),
+        "kernels": {"cpu": kernels, "cuda": why_not_runnable("cuda")},
         "backends": backends,
     }

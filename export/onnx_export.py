@@ -12,16 +12,13 @@ from pathlib import Path
 
 import torch
 
-from stvfm_engine.errors import STVFMError
-from stvfm_engine.export.graph import OUTPUT_NAME, ServingModel, dynamic_shapes, example_inputs, input_names
+from stvfm_engine.engine.graph import OUTPUT_NAME, ServingModel, dynamic_shapes, example_inputs, input_names
+from stvfm_engine.engine.runtime import ExportError
+from stvfm_engine.errors import first_line
 from stvfm_engine.model.stvfm import STVFM
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf's limit is 2 GiB)
-
-
-class ExportError(STVFMError):
-    """An export that failed or produced an artifact that does not check."""
 
 
 def export_onnx(model: STVFM, path: Path, max_batch: int) -> Path:
@@ -37,7 +34,7 @@ def export_onnx(model: STVFM, path: Path, max_batch: int) -> Path:
                               dynamic_shapes=dynamic_shapes(model.config, max_batch), external_data=big,
                               verbose=False)
         except Exception as e:  # the exporter raises many types; name the first line of it
-            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
+            raise ExportError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from None
     check_onnx(path, model)
     return path
 
@@ -49,7 +46,7 @@ def check_onnx(path: Path, model: STVFM) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"{path.name} fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
+        raise ExportError(f"{path.name} fails onnx.checker: {first_line(e)}") from None
     proto = onnx.load(str(path), load_external_data=False)
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < OPSET:

@@ -1,7 +1,7 @@
 """The parity gate: a built backend must match the fp32 reference on fresh random inputs.
 
 Inputs are drawn from a fresh seed per build (recorded), at batch 1 and a larger odd batch, and go
-through the same :class:`~stvfm_engine.engine.backends.Runner` and input validation that
+through the same :class:`~stvfm_engine.engine.runtime.Runner` and input validation that
 ``Engine.predict`` uses. The error is ``||y - y_ref|| / ||y_ref||``.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from stvfm_engine.engine.backends import Runner
+from stvfm_engine.engine.graph import example_inputs
 from stvfm_engine.engine.inputs import validate_inputs
+from stvfm_engine.engine.precision import Precision
+from stvfm_engine.engine.runtime import Runner
 from stvfm_engine.errors import STVFMError
-from stvfm_engine.export.graph import example_inputs
-from stvfm_engine.export.precision import Precision
 from stvfm_engine.model.stvfm import STVFM
 
 

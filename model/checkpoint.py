@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from stvfm_engine.atomic import atomic_path
-from stvfm_engine.errors import CheckpointError, ConfigError
+from stvfm_engine.errors import CheckpointError, ConfigError, first_line
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import STVFM
 
@@ -46,6 +46,18 @@ def save_checkpoint(model: STVFM, path: str | os.PathLike, metrics: Optional[dic
     return Path(path)
 
 
+def check_format(obj: Any, source: Any, kind: str, version: int, required: tuple[str, ...],
+                 error: type[Exception]) -> None:
+    """The top level of a file read as data: a dict of the expected ``format_version`` with ``required`` keys."""
+    if not isinstance(obj, dict):
+        raise error(f"{source}: expected a {kind} (a JSON object / dict), found {type(obj).__name__}")
+    found = obj.get("format_version")
+    if found != version:
+        raise error(f"{source}: unknown {kind} format_version {found!r}; this stvfm-engine reads {version}")
+    if missing := [k for k in required if k not in obj]:
+        raise error(f"{source}: {kind} lacks {missing}")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a checkpoint dict. Every failure is a one-line :class:`CheckpointError`."""
     path = Path(path)
@@ -54,21 +66,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused to load: it holds more than plain data "
-                              f"(weights_only=True rejected it: {first})") from None
+                              f"(weights_only=True rejected it: {first_line(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError,
             TypeError, IndexError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch.save file: {msg})") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
-    version = ckpt.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown checkpoint format_version {version!r}; this stvfm-engine reads {FORMAT_VERSION}")
-    for key in ("config", "normalization", "state_dict"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: checkpoint has no {key!r} entry")
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch.save file: {first_line(e)})") from None
+    check_format(ckpt, path, "checkpoint", FORMAT_VERSION, ("config", "normalization", "state_dict"), CheckpointError)
     if not isinstance(ckpt["state_dict"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
         raise CheckpointError(f"{path}: 'state_dict' must map names to tensors")
     try:

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from stvfm_engine.errors import DataError
+from stvfm_engine.errors import DataError, first_line
 
 SPLITS = ("train", "val", "test")
 
@@ -63,7 +63,7 @@ def _read_flow(path: Path) -> np.ndarray:
                 raise DataError(f"{path}: expected an array named 'flow', found {z.files}")
             flow = z["flow"]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise DataError(f"{path}: not a readable .npz file ({first_line(e)})") from None
     if flow.ndim != 4 or not np.issubdtype(flow.dtype, np.number):
         raise DataError(f"{path}: expected 'flow' as a numeric [steps, H, W, C] array, got {flow.dtype} {list(flow.shape)}")
     if not np.isfinite(flow).all():

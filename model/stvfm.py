@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stvfm_engine.errors import ConfigError, InputError
+from stvfm_engine.errors import ConfigError
 from stvfm_engine.model.config import STVFMConfig
 
 LN_EPS = 1e-6  # every LayerNorm of ours (timm's ViTs use the same)
@@ -288,14 +288,6 @@ class STVFM(nn.Module):
         self.norm_mean.copy_(mean)
         self.norm_std.copy_(std)
 
-    def check_time_inputs(self, tod: Optional[torch.Tensor], dow: Optional[torch.Tensor]) -> None:
-        if self.config.uses_time:
-            if tod is None or dow is None:
-                raise InputError(f"this model uses time inputs (steps_per_day={self.config.steps_per_day}): "
-                                 "pass tod and dow, int64 [B, T]")
-        elif tod is not None or dow is not None:
-            raise InputError("this model takes no time inputs (steps_per_day=0): do not pass tod/dow")
-
     # The forward is split into the stages that the fused kernels replace, so that the Triton path
     # and the stage breakdown reuse exactly these pieces.
     def embed_tokens(self, x, tod, dow) -> torch.Tensor:
@@ -316,7 +308,7 @@ class STVFM(nn.Module):
 
     def forward(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None,
                 dow: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self.check_time_inputs(tod, dow)
+        """Stages 0-6 on inputs as ``Engine.predict`` validates them (:mod:`stvfm_engine.engine.inputs`)."""
         B = x.shape[0]
         h = self.backbone(self.embed_tokens(x, tod, dow))  # one backbone call on 2B sequences
         return self.decode(self.bcpc(h[:B], h[B:]))

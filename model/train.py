@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stvfm_engine.errors import CheckpointError, DataError
+from stvfm_engine.errors import CheckpointError, DataError, first_line
+from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.data import FlowData, Windows
 from stvfm_engine.model.evaluate import evaluate_model
 from stvfm_engine.model.stvfm import STVFM
@@ -27,8 +28,9 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def windows_for(model: STVFM, data: FlowData, split: str) -> Windows:
-    c = model.config
+def windows_for(model: STVFM | STVFMConfig, data: FlowData, split: str) -> Windows:
+    """The sliding windows of ``split`` that ``model`` (or a config) reads, checked against the data's grid."""
+    c = model if isinstance(model, STVFMConfig) else model.config
     if data.channels != c.channels or data.grid != (c.height, c.width):
         raise DataError(f"{data.source}: data has C={data.channels}, grid {data.grid[0]}x{data.grid[1]}; "
                         f"the model expects C={c.channels}, grid {c.height}x{c.width}")
@@ -68,7 +70,7 @@ def load_backbone_weights(model: STVFM, path: str | os.PathLike) -> int:
                 warnings.simplefilter("ignore")
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any parse failure of an untrusted file is the user's input error
-        raise CheckpointError(f"{path}: not readable backbone weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CheckpointError(f"{path}: not readable backbone weights ({first_line(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

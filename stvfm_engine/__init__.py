@@ -5,9 +5,8 @@ Public API: :func:`load_model` (a checkpoint -> the fp32 reference model), :clas
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from stvfm_engine.model.checkpoint import load_model, save_checkpoint  # noqa: E402
+from stvfm_engine.model.checkpoint import load_model, save_checkpoint
+from stvfm_engine.version import __version__
 
 
 def __getattr__(name: str):

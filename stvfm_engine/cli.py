@@ -1,6 +1,7 @@
 """The ``stvfm-engine`` command line: argparse sub-commands over the library's typed functions.
 
-Each package contributes its sub-commands through a ``commands.py`` with ``register(subparsers)``.
+Each command group is one module of :mod:`stvfm_engine.commands` with ``register(subparsers)``; the
+layers below expose typed functions and never parse arguments.
 Results go to stdout; progress and logs to stderr. An expected failure (:class:`STVFMError`, or an
 :class:`OSError` such as an unwritable output path) is one line on stderr and exit code 2; ``--debug``
 shows the traceback instead.
@@ -12,14 +13,14 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from stvfm_engine import __version__
 from stvfm_engine.errors import STVFMError
+from stvfm_engine.version import __version__
 
 COMMAND_MODULES = (
-    "stvfm_engine.model.commands",  # init, train, eval, demo
-    "stvfm_engine.export.commands",  # build, inspect, env
-    "stvfm_engine.engine.commands",  # run
-    "stvfm_engine.bench.commands",  # bench
+    "stvfm_engine.commands.model",  # init, train, eval, demo
+    "stvfm_engine.commands.build",  # build, inspect, env
+    "stvfm_engine.commands.run",  # run
+    "stvfm_engine.commands.bench",  # bench
 )
 
 DESCRIPTION = """\
@@ -34,24 +35,6 @@ Typical flow:
   stvfm-engine bench bike.engine --batch 1,8
   stvfm-engine demo                                   # all of it on synthetic data, no downloads
 """
-
-
-def int_at_least(low: int):
-    """An argparse type: an integer >= ``low``, with an error that says so."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

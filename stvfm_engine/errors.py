@@ -19,3 +19,9 @@ class DataError(STVFMError):
 
 class InputError(STVFMError, ValueError):
     """Inference inputs that do not match what the model expects."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, or its type name: for one-line error text."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

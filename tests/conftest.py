@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import torch
 # Triton reads this when a kernel is decorated: set it before any stvfm_engine.kernels import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from helpers import ...` (tests/helpers.py)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -13,18 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import random_inputs, reference_output, relative_error, why_not_run, write_checkpoint
 from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine, reference_model
-from stvfm_engine.engine.backends import run_status
+from stvfm_engine.engine.manifest import read_manifest, sha256_file
+from stvfm_engine.engine.precision import Precision
 from stvfm_engine.errors import STVFMError
 from stvfm_engine.export.atomic_dir import BuildError
 from stvfm_engine.export.build import build_engine, build_status
-from stvfm_engine.export.manifest import read_manifest, sha256_file
-from stvfm_engine.export.parity import ParityError, check_parity, relative_error
-from stvfm_engine.export.precision import Precision
-from stvfm_engine.model.checkpoint import save_checkpoint
+from stvfm_engine.export.parity import ParityError, check_parity
 from stvfm_engine.model.config import STVFMConfig, from_preset
-from stvfm_engine.model.stvfm import build_model
 
 # name -> config; each is small (1-2 blocks) and odd somewhere
 ODD_CONFIGS = {
@@ -37,30 +35,6 @@ ODD_CONFIGS = {
         backbone="vit_small_patch14_reg4_dinov2", backbone_layers=1, channels=1, height=5, width=9, patch=1,
         horizon=3, history=4, steps_per_day=24, adapter_dim=8, prompts=2, heads=3),
 }
-
-
-def random_inputs(model, batch: int, rng: np.random.Generator):
-    c = model.config
-    mean = model.norm_mean.numpy().reshape(1, 1, -1, 1, 1)
-    std = model.norm_std.numpy().reshape(1, 1, -1, 1, 1)
-    x = (mean + std * rng.standard_normal((batch, c.history, c.channels, c.height, c.width))).astype(np.float32)
-    if not c.uses_time:
-        return x, None, None
-    return x, rng.integers(0, c.steps_per_day, (batch, c.history)), rng.integers(0, 7, (batch, c.history))
-
-
-def reference_output(model, x, tod, dow) -> np.ndarray:
-    as_t = [None if a is None else torch.from_numpy(a) for a in (x, tod, dow)]
-    with torch.inference_mode():
-        return model(*as_t).numpy()
-
-
-def write_checkpoint(path, config: STVFMConfig, seed: int = 0):
-    model = build_model(config, seed=seed)
-    c = model.config.channels
-    model.set_normalization(torch.linspace(3.0, 9.0, c), torch.linspace(2.0, 5.0, c))  # not identity
-    save_checkpoint(model, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +204,7 @@ def test_build_refuses_to_replace_non_engine_paths(tiny_engine, tmp_path):
     ({"backends": ["tensorrt"]}, "cannot build tensorrt for cpu"),
     ({"backends": ["eager"]}, "runs from the weights"),
     ({"backends": ["bogus"]}, "unknown backend 'bogus'"),
-    ({"backends": ["onnxruntime"], "precision": "bf16"}, "fp32 only"),
+    ({"backends": ["onnxruntime"], "precision": "bf16"}, "onnxruntime builds fp32, int8 only"),
     ({"precision": "fp8"}, "unknown precision 'fp8'"),
     ({"max_batch": 0}, "max_batch must be an integer >= 1"),
     ({"device": "tpu"}, "device"),
@@ -279,8 +253,8 @@ def test_cli_build_inspect_env(tiny_engine, tmp_path, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(run_status("tensorrt", "cuda") is not None,
-                    reason=f"TensorRT engine builds need TensorRT and a CUDA GPU: {run_status('tensorrt', 'cuda')}")
+@pytest.mark.skipif(why_not_run("tensorrt", "cuda") is not None,
+                    reason=f"TensorRT engine builds need TensorRT and a CUDA GPU: {why_not_run('tensorrt', 'cuda')}")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_tensorrt_build_and_parity(tmp_path, precision):
     ckpt = write_checkpoint(tmp_path / "tiny.pt", from_preset("tiny", backbone_layers=2))

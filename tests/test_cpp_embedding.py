@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_checkpoint
 from stvfm_engine.engine import Engine, reference_model
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.export.parity import relative_error
-from stvfm_engine.model.checkpoint import save_checkpoint
 from stvfm_engine.model.config import STVFMConfig
-from stvfm_engine.model.stvfm import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "cpp")
@@ -40,9 +39,7 @@ def _run(cmd, **kwargs):
 def built(tmp_path_factory):
     """(engine dir, stvfm_run binary): one AOTInductor build and one CMake build per module."""
     root = tmp_path_factory.mktemp("cpp")
-    model = build_model(CONFIG, seed=21)
-    model.set_normalization([4.0, 7.0], [2.0, 3.0])
-    save_checkpoint(model, root / "m.pt")
+    write_checkpoint(root / "m.pt", CONFIG, seed=21, mean=[4.0, 7.0], std=[2.0, 3.0])
     engine = build_engine(root / "m.pt", root / "m.engine", backends=["aoti"], max_batch=8, progress=False)
     torch_dir = os.path.dirname(torch.__file__)
     _run(["cmake", "-S", EXAMPLE, "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",

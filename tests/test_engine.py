@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from stvfm_engine.cli import main
-from stvfm_engine.engine import Engine, reference_model, run_status, validate_inputs
+from helpers import why_not_run
+from stvfm_engine.engine import Engine, reference_model, validate_inputs
 from stvfm_engine.errors import InputError, STVFMError
 from stvfm_engine.export.build import build_engine
-from stvfm_engine.export.manifest import EngineDirError
+from stvfm_engine.engine.manifest import EngineDirError
 from stvfm_engine.export.parity import relative_error
 from stvfm_engine.model.checkpoint import save_checkpoint
 from stvfm_engine.model.config import STVFMConfig
@@ -193,7 +194,7 @@ def test_tampered_artifact_is_refused(engine_dir, tmp_path):
 
 
 def test_triton_backend_runs_or_says_why(engine_dir, ref):
-    why = run_status("triton", "cpu")
+    why = why_not_run("triton", "cpu")
     if why is not None:
         with pytest.raises(STVFMError, match="triton cannot run on cpu"):
             Engine.load(engine_dir, backend="triton", device="cpu")
@@ -245,7 +246,7 @@ def test_onnx_artifact_built_on_a_gpu_machine_serves_on_the_cpu(engine_dir, tmp_
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["backends"]["onnxruntime"]["device"] = "cuda"
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    if run_status("onnxruntime", "cuda") is None:
+    if why_not_run("onnxruntime", "cuda") is None:
         pytest.skip("this machine has ONNX Runtime's CUDA provider: the CPU fallback is not exercised")
     for backend in ("onnxruntime", None):
         engine = Engine.load(copy, backend=backend, verify=False)

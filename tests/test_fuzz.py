@@ -17,14 +17,14 @@ import torch
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
+from helpers import write_checkpoint
 from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine
 from stvfm_engine.errors import InputError
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.export.parity import relative_error
-from stvfm_engine.model.checkpoint import load_model, save_checkpoint
+from stvfm_engine.model.checkpoint import load_model
 from stvfm_engine.model.config import STVFMConfig
-from stvfm_engine.model.stvfm import build_model
 
 CONFIG = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, channels=2, height=5, width=4, patch=2,
                      history=3, horizon=2, steps_per_day=12, adapter_dim=8, prompts=2)
@@ -35,9 +35,7 @@ X_TAIL = [CONFIG.history, CONFIG.channels, CONFIG.height, CONFIG.width]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    model = build_model(CONFIG, seed=13)
-    model.set_normalization([20.0, 5.0], [6.0, 2.0])
-    save_checkpoint(model, root / "m.pt")
+    model = load_model(write_checkpoint(root / "m.pt", CONFIG, seed=13, mean=[20.0, 5.0], std=[6.0, 2.0]))
     out = build_engine(root / "m.pt", root / "m.engine", backends=["onnxruntime"], max_batch=MAX_BATCH, progress=False)
     return Served(Engine.load(out, backend="onnxruntime", threads=1), model)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import rel_err
 from stvfm_engine.kernels.flow import flow_patchify_ref
 from stvfm_engine.model.stvfm import normalize, patchify, temporal_difference
 
@@ -14,10 +15,6 @@ SHAPES = [  # B, T, C, H, W, p
     (2, 2, 1, 5, 6, 4),
     (5, 12, 2, 14, 8, 2),
 ]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def inputs(B, T, C, H, W):

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from helpers import rel_err
 from stvfm_engine.kernels.prompt_attention import (bilateral_attention_ref, condition_weights,
                                                    coordination_weights, prompt_condition_ref)
 from stvfm_engine.model.stvfm import CrossPromptCoordination
@@ -18,10 +19,6 @@ SHAPES = [  # B, n, D, M, heads
     (1, 50, 128, 5, 4),
     (2, 45, 72, 13, 6),
 ]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def case(B, n, D, M, heads):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import rel_err
 from stvfm_engine.kernels.token_adapter import adapter_weights, token_adapter_ref
 from stvfm_engine.model.stvfm import TokenAdapter
 
@@ -14,10 +15,6 @@ SHAPES = [  # B, n, T, K, A, D, steps_per_day, prefix tokens
     (2, 9, 2, 27, 20, 72, 7, 0),
     (1, 35, 12, 2, 33, 130, 0, 5),
 ]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def case(B, n, T, K, A, D, S, P):

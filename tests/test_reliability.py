@@ -26,10 +26,10 @@ import torch
 
 from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine, reference_model, validate_inputs
-from stvfm_engine.engine.backends import BackendError, version_problem
+from stvfm_engine.engine import BackendError, get_backend
 from stvfm_engine.export.atomic_dir import clean_stale
 from stvfm_engine.export.build import build_engine
-from stvfm_engine.export.manifest import read_manifest, sha256_file, verify_files
+from stvfm_engine.engine.manifest import read_manifest, sha256_file, verify_files
 from stvfm_engine.export.parity import ParityError, relative_error
 from stvfm_engine.model.checkpoint import save_checkpoint
 from stvfm_engine.model.config import STVFMConfig
@@ -373,11 +373,11 @@ def test_tensorrt_plan_needs_the_exact_version(built, tmp_path, monkeypatch):
     installed version is simulated)."""
     manifest = {"versions": {"tensorrt": "10.3.0"}}
     monkeypatch.setattr("stvfm_engine.engine.backends._installed", lambda dist: "10.9.0")
-    assert version_problem("tensorrt", manifest) == (
+    assert get_backend("tensorrt").version_problem(manifest) == (
         "model.plan was built with TensorRT 10.3.0, this is TensorRT 10.9.0 (a plan needs the exact version)")
-    assert version_problem("tensorrt", {"versions": {"tensorrt": "10.9.0"}}) is None
+    assert get_backend("tensorrt").version_problem({"versions": {"tensorrt": "10.9.0"}}) is None
     for backend in ("onnxruntime", "eager", "triton"):
-        assert version_problem(backend, {"versions": {"torch": "0.1", "onnxruntime": "0.1"}}) is None
+        assert get_backend(backend).version_problem({"versions": {"torch": "0.1", "onnxruntime": "0.1"}}) is None
     d = tmp_path / "eng"
     shutil.copytree(built["engine"], d)
     (d / "model.plan").write_bytes(b"a serialized plan")

@@ -36,7 +36,7 @@ from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine
 from stvfm_engine.errors import CheckpointError, STVFMError
 from stvfm_engine.export.build import build_engine
-from stvfm_engine.export.manifest import EngineDirError, sha256_file
+from stvfm_engine.engine.manifest import EngineDirError, sha256_file
 from stvfm_engine.export.parity import ParityError, relative_error
 from stvfm_engine.model.checkpoint import checkpoint_dict, load_model, read_checkpoint, save_checkpoint
 from stvfm_engine.model.config import STVFMConfig
@@ -252,7 +252,7 @@ def _set(path: list, value):
 
 MALFORMED = {
     "not json": (lambda m: "{'format_version': 1", "unreadable manifest"),
-    "a list": (lambda m: "[1, 2, 3]", "expected a JSON object, found list"),
+    "a list": (lambda m: "[1, 2, 3]", "expected a manifest (a JSON object / dict), found list"),
     "binary": (lambda m: b"\xff\xfe\x00garbage", "unreadable manifest"),
     "format 2": (_set(["format_version"], 2), "unknown manifest format_version 2; this stvfm-engine reads 1"),
     "format '1'": (_set(["format_version"], "1"), "unknown manifest format_version '1'"),

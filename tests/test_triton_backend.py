@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from helpers import rel_err
 from stvfm_engine.engine.triton_backend import load_triton_backend
 from stvfm_engine.errors import InputError, STVFMError
 from stvfm_engine.model.config import STVFMConfig
@@ -27,10 +28,6 @@ CONFIGS = {  # small backbones, one block: odd grids, C != 2, patch 1-3, M 3-8, 
                                 channels=1, height=10, width=8, patch=3, adapter_dim=20, prompts=8,
                                 steps_per_day=48),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")

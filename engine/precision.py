@@ -2,8 +2,8 @@
 
 A precision names the compute dtype of the served graph (inputs and outputs stay float32) and the
 parity gate's tolerance against the fp32 reference. Which backend can build which precision is
-decided by each backend's builder (:mod:`stvfm_engine.export.build`); a new precision (e.g. int8
-with a calibration gate) is a new entry here plus the builders that accept it.
+recorded per backend in :mod:`stvfm_engine.engine.registry`; a new precision is a new entry here plus the
+backends that accept it.
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", torch.float32, 1e-4),
     "bf16": Precision("bf16", torch.bfloat16, 2e-2),
     "fp16": Precision("fp16", torch.float16, 2e-2),
-    # int8 (bench work, export/quantize.py): ONNX Runtime only; 5e-2 is the data-free gate, and
-    # build --calib-data adds the test-MAE gate
+    # int8: weights (and activations) quantised; build --calib-data adds the test-MAE gate
     "int8": Precision("int8", torch.int8, 5e-2),
 }
 

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from stvfm_engine.export.precision import Precision, get_precision
+from stvfm_engine.engine.precision import Precision, get_precision
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import STVFM
 

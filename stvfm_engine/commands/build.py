@@ -1,14 +1,14 @@
-"""CLI sub-commands of stvfm_engine.export: ``build``, ``inspect``, ``env``."""
+"""CLI commands ``build``, ``inspect`` and ``env``."""
 from __future__ import annotations
 
 import argparse
 import json
 
-from stvfm_engine.export.precision import PRECISIONS
-from stvfm_engine.cli import positive_int
+from stvfm_engine.commands.common import positive_int
+from stvfm_engine.engine.precision import PRECISIONS
+from stvfm_engine.engine.registry import BACKENDS, names
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
-ARTIFACTS = ("onnxruntime", "aoti", "tensorrt")
 
 
 def _human_bytes(n: int) -> str:
@@ -20,8 +20,8 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from stvfm_engine.engine.manifest import read_manifest
     from stvfm_engine.export.build import build_engine
-    from stvfm_engine.export.manifest import read_manifest
 
     out = build_engine(args.checkpoint, args.output, backends=args.backends, precision=args.precision,
                        device=args.device, max_batch=args.max_batch, progress=not args.quiet,
@@ -35,8 +35,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from stvfm_engine.engine.backends import run_status
-    from stvfm_engine.export.manifest import read_manifest, verify_files
+    from stvfm_engine.engine.manifest import WEIGHTS_NAME, read_manifest, verify_files
 
     manifest = read_manifest(args.engine)
     if args.verify:
@@ -53,16 +52,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     notes = []
     for name, e in manifest["backends"].items():
         size = sum(f["bytes"] for k, f in files.items() if k == e["file"] or k.startswith(e["file"] + "."))
-        why = run_status(name, e["device"])
+        why = BACKENDS[name].why_not_run(e["device"]) if name in BACKENDS else f"unknown backend {name!r}"
         rows.append((name, e["file"], e["precision"], e["device"], f"{e['parity']['max_rel_err']:.2e}",
                      f"{e['parity']['tolerance']:g}", _human_bytes(size), f"{e['build_seconds']:.1f}",
                      "yes" if why is None else "no"))
         if why:
             notes.append(f"{name}: {why}")
-    weights = _human_bytes(files.get("weights.safetensors", {}).get("bytes", 0))
-    for name in ("eager", "triton"):
-        why = run_status(name, "cpu")
-        rows.append((name, "weights.safetensors", "any", "cpu/cuda", "reference" if name == "eager" else "-", "-",
+    weights = _human_bytes(files.get(WEIGHTS_NAME, {}).get("bytes", 0))
+    for name in names(artifact=False):
+        spec = BACKENDS[name]
+        why = spec.why_not_run("cpu")
+        rows.append((name, WEIGHTS_NAME, "/".join(spec.precisions), "/".join(spec.devices), "-", "-",
                      weights, "-", "yes" if why is None else "no"))
         if why:
             notes.append(f"{name}: {why}")
@@ -96,13 +96,13 @@ def cmd_env(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     v, cuda = report["versions"], report["cuda"]
-    print(f"python {v['python']}, torch {v['torch']}, timm {v['timm']}, onnx {v['onnx']}, "
-          f"onnxruntime {v['onnxruntime'] or v['onnxruntime-gpu']}, triton {v['triton']}, "
-          f"tensorrt {v['tensorrt'] or 'not installed'}")
+    print(", ".join(f"{k} {ver}" for k, ver in v.items() if ver) + "; not installed: "
+          + (", ".join(k for k, ver in v.items() if not ver) or "none"))
     print("CUDA: " + (f"{cuda['device']} (sm {cuda['capability']})" if cuda["available"] else f"no ({cuda['why_not']})"))
     print(f"ONNX Runtime providers: {', '.join(report['onnxruntime_providers']) or 'none'}")
     print(f"C++ compiler: {report['compilers']['c++'] or 'none'}; cmake: {report['compilers']['cmake'] or 'none'}; "
           f"torch threads: {report['torch_threads']}")
+    print(f"Triton kernels: cpu {_status_text(report['kernels']['cpu'])}; cuda {_status_text(report['kernels']['cuda'])}")
     for name, row in report["backends"].items():
         print(name)
         for d in ("cpu", "cuda"):
@@ -129,12 +129,13 @@ def register(sub) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by 'stvfm-engine init' or 'train'")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to (re)place")
     p.add_argument("--backends", metavar="LIST",
-                   help=f"comma-separated subset of {','.join(ARTIFACTS)} (default: all this machine can build)")
+                   help=f"comma-separated subset of {','.join(names(artifact=True))} (default: all this machine can build)")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="compute precision (default fp32)")
-    # --- int8 gate (bench work, export/quantize.py)
-    p.add_argument("--calib-data", metavar="PREFIX", help="int8: gate on the test MAE of PREFIX_{train,val,test}.npz "
-                                                          "(refused beyond --max-mae-loss vs fp32)")
-    p.add_argument("--max-mae-loss", type=float, default=0.01, help="int8: allowed relative test-MAE loss (default 0.01)")
+    p.add_argument("--calib-data", metavar="PREFIX",
+                   help="reduced precisions: gate on the test MAE of PREFIX_{train,val,test}.npz "
+                        "(refused beyond --max-mae-loss vs fp32)")
+    p.add_argument("--max-mae-loss", type=float, default=0.01,
+                   help="reduced precisions: allowed relative test-MAE loss vs fp32 (default 0.01)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
                    help="every artifact accepts batches 1..N (default 64)")

@@ -1,9 +1,11 @@
-"""CLI sub-command ``bench``: latency/throughput of engine backends, interleaved in blocks, with the
+"""CLI command ``bench``: latency/throughput of engine backends, interleaved in blocks, with the
 stage breakdown, the roofline, a JSON report and an optional plot."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from stvfm_engine.engine.registry import names
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -99,7 +101,7 @@ def register(sub) -> None:
     p.add_argument("target", nargs="+", metavar="DIR|CKPT",
                    help="engine directory or checkpoint (several engines of one model are compared side by side)")
     p.add_argument("--backends", default="eager,onnxruntime",
-                   help="comma list of eager, onnxruntime, aoti, triton, tensorrt (default eager,onnxruntime)")
+                   help=f"comma list of {', '.join(names(bench=True))} (default eager,onnxruntime)")
     p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument("--precision", help="comma list of artifact precisions (fp32, int8, bf16); for a checkpoint, "
                                        "one temporary engine is built per precision (default: as built / fp32)")

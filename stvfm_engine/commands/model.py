@@ -1,4 +1,4 @@
-"""CLI sub-commands of the reference model: ``init``, ``train``, ``eval``, ``demo``."""
+"""CLI commands of the reference model: ``init``, ``train``, ``eval``, and the ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 import sys
 
 from stvfm_engine.model.config import PRESETS
-from stvfm_engine.cli import non_negative_int, positive_int
+from stvfm_engine.commands.common import non_negative_int, positive_int
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 

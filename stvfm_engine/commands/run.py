@@ -1,4 +1,4 @@
-"""CLI sub-command of stvfm_engine.engine: ``run`` (an npz in, an npz out, through an engine)."""
+"""CLI command ``run``: an npz in, an npz out, through an engine."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +6,9 @@ import json
 import time
 import zipfile
 
+from stvfm_engine.commands.common import positive_int
+from stvfm_engine.engine.registry import names
 from stvfm_engine.errors import InputError
-from stvfm_engine.cli import positive_int
-
-BACKEND_NAMES = ("onnxruntime", "aoti", "tensorrt", "eager", "triton")
 
 
 def read_npz(path: str) -> dict:
@@ -62,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("engine", metavar="DIR", help="engine directory written by 'stvfm-engine build'")
     p.add_argument("--input", required=True, metavar="IN.npz")
     p.add_argument("--output", required=True, metavar="OUT.npz")
-    p.add_argument("--backend", choices=BACKEND_NAMES, help="default: the fastest available")
+    p.add_argument("--backend", choices=names(), help="default: the fastest available")
     p.add_argument("--precision", help="must match the artifact's (eager/triton: any of fp32, bf16, fp16)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: the artifact's)")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")

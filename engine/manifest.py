@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from stvfm_engine.atomic import atomic_path
+from stvfm_engine.engine.registry import distributions
 from stvfm_engine.errors import STVFMError
+from stvfm_engine.model.checkpoint import check_format
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
 REQUIRED_KEYS = ("config", "normalization", "max_batch", "io", "files", "backends")
 
-# The library versions a manifest records (distribution names; absent ones are recorded as null).
-_DISTRIBUTIONS = ("torch", "timm", "numpy", "safetensors", "onnx", "onnxscript", "onnxruntime",
-                  "onnxruntime-gpu", "triton", "tensorrt", "stvfm-engine")
 
 
 class EngineDirError(STVFMError):
@@ -62,7 +61,7 @@ def file_table(directory: Path) -> dict[str, dict[str, Any]]:
 
 def library_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in _DISTRIBUTIONS:
+    for dist in distributions():  # absent ones are recorded as null
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -89,14 +88,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EngineDirError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict):
-        raise EngineDirError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise EngineDirError(f"{path}: unknown manifest format_version {version!r}; this stvfm-engine reads {FORMAT_VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise EngineDirError(f"{path}: manifest lacks {missing}")
+    check_format(manifest, path, "manifest", FORMAT_VERSION, REQUIRED_KEYS, EngineDirError)
     if problem := _structure_problem(manifest):
         raise EngineDirError(f"{path}: malformed manifest: {problem}")
     return manifest

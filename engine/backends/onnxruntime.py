@@ -1,0 +1,140 @@
+"""ONNX Runtime: ``model.onnx`` (opset 18, dynamic batch), fp32 or int8.
+
+int8 is ONNX Runtime's dynamic quantisation (weights int8 per output channel, activations quantised at
+run time) of the backbone's weight matmuls (stage 4, nearly all the FLOPs); the adapters, BCPC and
+head stay fp32. The file runs on the CPU provider, or on CUDA where onnxruntime-gpu is installed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from stvfm_engine.engine.graph import OUTPUT_NAME, input_names
+from stvfm_engine.engine.precision import Precision
+from stvfm_engine.engine.registry import Artifact, BuildContext, OpenRequest
+from stvfm_engine.engine.runtime import BackendError, Runner, missing, output, rebuild_hint, to_numpy, to_torch
+from stvfm_engine.errors import ConfigError, first_line
+from stvfm_engine.model.config import STVFMConfig
+
+INT8_SCOPE = "backbone"  # the module whose weight matmuls int8 quantises
+
+
+def why_not_run(device: torch.device) -> Optional[str]:
+    if why := missing("onnxruntime"):
+        return f"{why} (pip install 'stvfm-engine[onnx]')"
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu instead of onnxruntime)"
+    return None
+
+
+def why_not_build(device: torch.device, precision: Precision) -> Optional[str]:
+    if why := missing("onnx", "onnxscript", "onnxruntime"):
+        return f"{why} (pip install 'stvfm-engine[onnx]')"
+    if precision.name == "int8":
+        return missing("onnxruntime.quantization")
+    return None
+
+
+def build(ctx: BuildContext) -> Artifact:
+    path = ctx.onnx()
+    if ctx.precision.name != "int8":
+        return Artifact(path)
+    with ctx.stage("onnxruntime", "dynamic int8 quantisation of the backbone matmuls"):
+        tmp = path.with_name(path.name + ".int8.tmp")
+        try:
+            info = quantize_int8(path, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        Path(f"{path}.data").unlink(missing_ok=True)  # the fp32 weights, if the export wrote them beside it
+    return Artifact(path, {"quantization": info})
+
+
+def weight_matmuls(onnx_path: str | os.PathLike, scope: str = INT8_SCOPE) -> list[str]:
+    """Names of the MatMul/Gemm nodes with a constant weight inside the module ``scope`` ("" = everywhere)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        # namespace: ": Root/attr: Class/attr.sub: Class/..." -> the module path of each level
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        paths = [seg.split(":", 1)[0].strip() for seg in namespace.split("/")[1:]]
+        if not scope or any(scope in path.split(".") for path in paths):
+            names.append(node.name)
+    return names
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, scope: str = INT8_SCOPE) -> dict:
+    """Write a dynamic-int8 copy of the fp32 ONNX file ``src`` to ``dst`` (one file); returns what was done."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = weight_matmuls(src, scope)
+    if not nodes:
+        raise ConfigError(f"{src}: no weight matmuls found in scope {scope!r} to quantise")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser warns about pre-processing on every call
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_quantize=nodes, use_external_data_format=False)
+    finally:
+        root.setLevel(level)
+    return {"mode": "dynamic", "scope": scope, "per_channel": True, "quantized_nodes": len(nodes)}
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime with full graph optimisation; IO binding on CUDA (device-resident in and out)."""
+
+    def __init__(self, path: Path, config: STVFMConfig, device: torch.device, threads: Optional[int]):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.device = device
+        if device.type == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BackendError(f"onnxruntime {ort.__version__} cannot open {path} (e.g. an opset it does not support; "
+                               f"{rebuild_hint(path.parent)}): {first_line(e)}") from None
+        self.names = input_names(config)
+        self.out_tail = [config.horizon, config.channels, config.height, config.width]
+
+    def __call__(self, x, tod, dow) -> np.ndarray:
+        values = [x, tod, dow][: len(self.names)]
+        if self.device.type != "cuda":
+            return self.session.run([OUTPUT_NAME], {n: to_numpy(v) for n, v in zip(self.names, values)})[0]
+        tensors = [to_torch(v, self.device) for v in values]
+        y = torch.empty([tensors[0].shape[0], *self.out_tail], dtype=torch.float32, device=self.device)
+        binding = self.session.io_binding()
+        idx = self.device.index or 0
+        for name, t in zip(self.names, tensors):
+            dtype = np.float32 if t.dtype == torch.float32 else np.int64
+            binding.bind_input(name, "cuda", idx, dtype, list(t.shape), t.data_ptr())
+        binding.bind_output(OUTPUT_NAME, "cuda", idx, np.float32, list(y.shape), y.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream
+        self.session.run_with_iobinding(binding)
+        return output(y)
+
+
+def open(request: OpenRequest) -> Runner:  # noqa: A001 - the registry's interface name
+    return OnnxRuntimeRunner(request.directory / request.entry["file"], request.config, request.device, request.threads)

@@ -1,0 +1,2 @@
+"""The package version (ground floor: importable from every layer)."""
+__version__ = "0.1.0"

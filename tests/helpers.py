@@ -1,0 +1,58 @@
+"""Helpers shared by the tests: relative error, seeded random inputs, reference outputs, checkpoints.
+
+Relative error is the product's own (:func:`stvfm_engine.export.parity.relative_error`), so a test
+judges an output exactly as the build's parity gate does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from stvfm_engine.engine.registry import get_backend
+from stvfm_engine.export.parity import relative_error
+from stvfm_engine.model.checkpoint import save_checkpoint
+from stvfm_engine.model.config import STVFMConfig
+from stvfm_engine.model.stvfm import build_model
+
+__all__ = ["rel_err", "relative_error", "random_inputs", "reference_output", "write_checkpoint", "why_not_run"]
+
+
+def rel_err(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64, for numpy arrays or torch tensors (any device or dtype)."""
+    as_np = (lambda t: t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
+    return relative_error(as_np(a), as_np(b))
+
+
+def random_inputs(model, batch: int, rng: np.random.Generator):
+    """Raw-unit inputs around the model's normalisation (never zeros) and, where used, tod/dow."""
+    c = model.config
+    mean = model.norm_mean.numpy().reshape(1, 1, -1, 1, 1)
+    std = model.norm_std.numpy().reshape(1, 1, -1, 1, 1)
+    x = (mean + std * rng.standard_normal((batch, c.history, c.channels, c.height, c.width))).astype(np.float32)
+    if not c.uses_time:
+        return x, None, None
+    return x, rng.integers(0, c.steps_per_day, (batch, c.history)), rng.integers(0, 7, (batch, c.history))
+
+
+def reference_output(model, x, tod, dow) -> np.ndarray:
+    """The fp32 reference model on numpy inputs."""
+    as_t = [None if a is None else torch.from_numpy(a) for a in (x, tod, dow)]
+    with torch.inference_mode():
+        return model(*as_t).numpy()
+
+
+def write_checkpoint(path, config: STVFMConfig, seed: int = 0, mean=None, std=None):
+    """A random-weight checkpoint of ``config`` with a non-identity normalisation (``mean``/``std`` per channel)."""
+    model = build_model(config, seed=seed)
+    c = model.config.channels
+    model.set_normalization(torch.linspace(3.0, 9.0, c) if mean is None else mean,
+                            torch.linspace(2.0, 5.0, c) if std is None else std)
+    save_checkpoint(model, path)
+    return path
+
+
+def why_not_run(backend: str, device: str) -> Optional[str]:
+    """The registry's answer: None when ``backend`` runs on ``device`` here, else why not."""
+    return get_backend(backend).why_not_run(device)
