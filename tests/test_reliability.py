@@ -372,7 +372,7 @@ def test_tensorrt_plan_needs_the_exact_version(built, tmp_path, monkeypatch):
     """Checked from the manifest before TensorRT opens the plan (TensorRT is not installed here: the
     installed version is simulated)."""
     manifest = {"versions": {"tensorrt": "10.3.0"}}
-    monkeypatch.setattr("stvfm_engine.engine.backends._installed", lambda dist: "10.9.0")
+    monkeypatch.setattr("stvfm_engine.engine.backends.tensorrt.installed_version", lambda dist: "10.9.0")
     assert get_backend("tensorrt").version_problem(manifest) == (
         "model.plan was built with TensorRT 10.3.0, this is TensorRT 10.9.0 (a plan needs the exact version)")
     assert get_backend("tensorrt").version_problem({"versions": {"tensorrt": "10.9.0"}}) is None
