@@ -1,5 +1,8 @@
-"""Pieces shared by the fused kernels: device checks, tl.dot settings, and small @triton.jit helpers."""
+"""Pieces shared by the fused kernels: where they can run, argument checks, tl.dot settings, @triton.jit helpers."""
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 import triton
@@ -7,12 +10,45 @@ import triton.language as tl
 
 from stvfm_engine.errors import STVFMError
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreted(kernel) -> bool:
     """Whether ``kernel`` was built by Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+class KernelArgError(STVFMError, ValueError):
+    """An argument that breaks a public ``torch.ops.stvfm.*`` op's contract (device, shape, dtype, strides)."""
+
+
+def why_not_runnable(device: str | torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the stvfm kernels can run on ``device`` (at compute ``dtype``) in this process, else why not.
+
+    CUDA devices run them compiled; a CPU only in Triton's interpreter, which must have been switched
+    on (``TRITON_INTERPRET=1``) before this package was imported.
+    """
+    device = torch.device(device)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        return f"the stvfm kernels compute in float32, bfloat16 or float16, not {dtype}"
+    if device.type == "cpu":
+        if interpreted(gelu):
+            return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return ("TRITON_INTERPRET=1 was set after stvfm_engine.kernels was imported, so its kernels were "
+                    "compiled for a GPU: set it before starting Python")
+        return ("the stvfm kernels run on a CPU only in Triton's interpreter (slow, for tests): set "
+                "TRITON_INTERPRET=1 before starting Python, or use a CUDA device")
+    if device.type != "cuda":
+        return f"the stvfm kernels run on cuda (or on a CPU under TRITON_INTERPRET=1), not {device.type}"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device" + (" (a CPU-only build)" if torch.version.cuda is None else "")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        return f"{device} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)"
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(index)} has no bfloat16 support: use fp16 or fp32"
+    return None
 
 
 def check_device(kernel, *tensors: torch.Tensor) -> None:
@@ -25,8 +61,28 @@ def check_device(kernel, *tensors: torch.Tensor) -> None:
 
 
 def check_dtype(t: torch.Tensor, what: str) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
-        raise STVFMError(f"{what} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise KernelArgError(f"{what} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_args(op: str, like: torch.Tensor, shapes: dict[str, tuple[Optional[torch.Tensor], tuple]],
+               any_strides: tuple[str, ...] = ()) -> None:
+    """The contract of a public op's tensor arguments, each refused with a one-line error.
+
+    ``shapes`` maps a name to ``(tensor, expected shape)`` (None in the shape: any size; a None tensor
+    is skipped). Every tensor must be on ``like``'s device and have the expected shape; all but those
+    named in ``any_strides`` must be contiguous (the kernels index them without strides).
+    """
+    for name, (t, shape) in shapes.items():
+        if t is None:
+            continue
+        if t.device != like.device:
+            raise KernelArgError(f"{op}: {name} is on {t.device}, expected {like.device} like the input")
+        if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+            want = ", ".join("*" if s is None else str(s) for s in shape)
+            raise KernelArgError(f"{op}: {name} must be [{want}], got {list(t.shape)}")
+        if name not in any_strides and not t.is_contiguous():
+            raise KernelArgError(f"{op}: {name} must be contiguous, got strides {list(t.stride())} for {list(t.shape)}")
 
 
 def dot_flags(kernel, dtype: torch.dtype) -> dict:

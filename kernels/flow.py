@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from stvfm_engine.kernels.common import check_device, check_dtype
+from stvfm_engine.kernels.common import KernelArgError, check_args, check_device, check_dtype
 from stvfm_engine.model.stvfm import normalize, patchify, temporal_difference
 
 
@@ -67,8 +67,13 @@ def flow_patchify(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, patch:
     """``x [B, T, C, H, W]`` -> ``u [2B, n, T, C*p*p]`` in ``out_dtype`` (raw branch first, then flow)."""
     check_device(_flow_kernel, x)
     check_dtype(x, "x")
+    if x.dim() != 5:
+        raise KernelArgError(f"flow_patchify: x must be [B, T, C, H, W], got {list(x.shape)}")
     B, T, C, H, W = x.shape
     p = int(patch)
+    if p < 1:
+        raise KernelArgError(f"flow_patchify: patch must be >= 1, got {patch}")
+    check_args("flow_patchify", x, {"mean": (mean, (C,)), "std": (std, (C,))})
     h, w = -(-H // p), -(-W // p)
     n, K = h * w, C * p * p
     u = torch.empty(2 * B, n, T, K, dtype=out_dtype, device=x.device)

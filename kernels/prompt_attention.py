@@ -29,10 +29,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from stvfm_engine.kernels.common import block, check_device, check_dtype, dot_flags, mma
+from stvfm_engine.kernels.common import KernelArgError, block, check_args, check_device, check_dtype, dot_flags, mma
 from stvfm_engine.model.stvfm import LN_EPS, CrossPromptCoordination
 
 LOG2E = 1.4426950408889634  # softmax via exp2: the logits are prescaled by log2(e)
+
+
+def _check_features(op: str, h: torch.Tensor) -> None:
+    if h.dim() != 3 or h.shape[0] % 2:
+        raise KernelArgError(f"{op}: h must be [2B, n, D] (raw branch rows first), got {list(h.shape)}")
 
 
 # ----------------------------------------------------------------------------- prompt conditioning
@@ -162,8 +167,8 @@ def _condition_context_kernel(
 def condition_blocks(Q: int, D: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """Launch constants of the two conditioning kernels (tests/test_kernels_compile.py checks them with ptxas)."""
     wide = dtype == torch.float32
-    scores = {"BLOCK_N": 32, "BLOCK_Q": min(32 if wide else 64, block(Q)), "BLOCK_D": min(32, block(D)),
-              "num_warps": 8}
+    scores = {"BLOCK_N": 32, "BLOCK_Q": min(32 if wide else 64, block(Q)),
+              "BLOCK_D": min(16 if wide else 32, block(D)), "num_warps": 8}
     context = {"BLOCK_Q": min(32, block(Q)), "BLOCK_N": 32, "BLOCK_D": min(128, block(D)), "num_warps": 8}
     return scores, context
 
@@ -179,10 +184,14 @@ def prompt_condition(h: torch.Tensor, a: torch.Tensor, ln_w: torch.Tensor, ln_b:
     """
     check_device(_condition_scores_kernel, h)
     check_dtype(h, "h")
+    _check_features("prompt_condition", h)
     B2, n, D = h.shape
     B = B2 // 2
     heads, M = a.shape[1], a.shape[2]
     hd, Q = D // heads, heads * M
+    check_args("prompt_condition", h, {
+        "a": (a, (2, heads, M, D)), "ln_w": (ln_w, (2, D)), "ln_b": (ln_b, (2, D)), "w_v": (w_v, (2, D, D)),
+        "b_v": (b_v, (2, D)), "w_p": (w_p, (2, D, D)), "b_p": (b_p, (2, D)), "prompts": (prompts, (2, M, D))})
     s = torch.empty(B2, Q, n, dtype=torch.float32, device=h.device)
     stats = torch.empty(B2, n, 2, dtype=torch.float32, device=h.device)
     ctx = torch.empty(B2, Q, D, dtype=torch.float32, device=h.device)
@@ -322,7 +331,7 @@ def bilateral_blocks(n: int, M: int, heads: int, D: int, dtype: torch.dtype) -> 
     M_PAD = triton.next_power_of_2(M)
     return {"M_PAD": M_PAD, "HEADS_PAD": max(triton.next_power_of_2(heads), 16 // M_PAD),
             "BLOCK_M": 16 if dtype == torch.float32 else (32 if n < 512 else 64),
-            "BLOCK_D": min(32, block(D)), "num_warps": 8}
+            "BLOCK_D": min(32, block(D)), "num_warps": 4 if dtype == torch.float32 else 8}
 
 
 @triton_op("stvfm::bilateral_attention", mutates_args=())
@@ -336,10 +345,18 @@ def bilateral_attention(h: torch.Tensor, q: torch.Tensor, ln_q_w: torch.Tensor, 
     """
     check_device(_bilateral_kernel, h)
     check_dtype(h, "h")
+    _check_features("bilateral_attention", h)
     B2, n, D = h.shape
     B = B2 // 2
     M = q.shape[1]
+    if heads < 1 or D % heads:
+        raise KernelArgError(f"bilateral_attention: heads must divide D = {D}, got {heads}")
     hd = D // heads
+    vec = (2, D)
+    check_args("bilateral_attention", h, {
+        "q": (q, (B2, M, D)), "ln_q_w": (ln_q_w, vec), "ln_q_b": (ln_q_b, vec), "ln_kv_w": (ln_kv_w, vec),
+        "ln_kv_b": (ln_kv_b, vec), "w_q": (w_q, (2, D, D)), "b_q": (b_q, vec), "w_kv": (w_kv, (2, 2 * D, D)),
+        "b_kv": (b_kv, (2, 2 * D)), "w_p": (w_p, (2, D, D)), "b_p": (b_p, vec)}, any_strides=("q",))
     # Per-sequence keys and values from the other branch's prompts (M rows each, fp32).
     q_other = torch.cat([q[B:], q[:B]]).float().view(2, B, M, D)
     kv_in = torch.stack([F.layer_norm(q_other[r], (D,), ln_kv_w[r], ln_kv_b[r], LN_EPS) for r in range(2)])

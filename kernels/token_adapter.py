@@ -1,4 +1,4 @@
-"""Temporal-Aware Token Adapter (stage 3) for both branches in one launch.
+"""Temporal-Aware Token Adapter (stage 3) for both branches: GELU once per token and step, one GEMM, fused LayerNorm.
 
 ``torch.ops.stvfm.token_adapter`` computes, for every token of ``u [2B, n, T, K]`` (raw branch rows
 ``0..B-1`` through adapter r, flow branch rows ``B..2B-1`` through adapter f)::
@@ -7,8 +7,13 @@
     z = LayerNorm(GELU(a).flatten(T, A) @ W_out + b_out) + pos            # [.., D]
 
 and writes the backbone's input ``[2B, P+n, D]``: the ``P`` prefix tokens (with their position
-embedding) followed by the ``n`` adapted tokens, so the backbone needs no concatenation.
-Stacked weights are prepared once by :func:`adapter_weights`.
+embedding) followed by the ``n`` adapted tokens, so the backbone needs no concatenation. Three steps:
+``_adapter_gelu_kernel`` materialises ``G = GELU(a)`` once per (token, step) in the compute dtype,
+one batched library GEMM (cuBLAS on a GPU) computes ``G @ W_out`` for both branches, and
+``_adapter_norm_kernel`` adds ``b_out``, normalises (fp32 statistics) and adds ``pos`` straight
+into the output rows. This replaced a single kernel that recomputed ``u @ W_in`` and the GELU for
+every chunk of ``D`` columns; its speed against that kernel is unmeasured until a GPU runs
+``bench/gpu_check``. Stacked weights are prepared once by :func:`adapter_weights`.
 """
 from __future__ import annotations
 
@@ -20,116 +25,113 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from stvfm_engine.kernels.common import block, check_device, check_dtype, dot_flags, gelu, mma
+from stvfm_engine.kernels.common import KernelArgError, block, check_args, check_device, check_dtype, dot_flags, gelu, mma
 from stvfm_engine.model.stvfm import LN_EPS, TokenAdapter
 
 
 @triton.jit
-def _token_adapter_kernel(
-    u_ptr,  # [2B, n, T, K] tokens of both branches
+def _adapter_gelu_kernel(
+    u_ptr,  # [2B, n, T, K] tokens of both branches, any strides
     tod_ptr,  # [B, T] int64 time-of-day slots (read only if HAS_TIME)
-    dow_ptr,  # [B, T] int64 days of week (read only if HAS_TIME)
+    dow_ptr,  # [B, T] int64 days of week, tod's strides (read only if HAS_TIME)
     w_in_ptr,  # [2, K, A] W_in^T of each branch, contiguous
-    b_in_ptr,  # [2, A]
+    b_in_ptr,  # [2, A] fp32
     e_step_ptr,  # [2, T, A] step embeddings
     e_tod_ptr,  # [2, S, A] time-of-day embeddings (read only if HAS_TIME)
     e_dow_ptr,  # [2, 7, A] day-of-week embeddings (read only if HAS_TIME)
-    w_out_ptr,  # [2, T*A, D] W_out^T, contiguous
-    b_out_ptr,  # [2, D]
-    ln_w_ptr,  # [2, D]
-    ln_b_ptr,  # [2, D]
-    pos_ptr,  # [n, D] patch position embedding
-    z_ptr,  # [2B, P+n, D] out: this kernel writes rows P..P+n-1 of each sequence
+    g_ptr,  # [2, B*n, T*A] out, contiguous: GELU(a) in u's dtype
     stride_ub, stride_un, stride_ut, stride_uk,
-    stride_tb, stride_tt,  # tod and dow
-    stride_pn, stride_pd,
-    stride_zb, stride_zn, stride_zd,
-    B, n, T, K, A, D, S, P, eps,
+    stride_tb, stride_tt,
+    B, n, T, K, A, S,
     HAS_TIME: tl.constexpr,
     BLOCK_M: tl.constexpr,  # tokens per program
-    BLOCK_K: tl.constexpr,  # >= K
+    BLOCK_K: tl.constexpr,  # >= K (>= 16 for tl.dot)
     BLOCK_A: tl.constexpr,  # >= A
-    BLOCK_D: tl.constexpr,  # output columns per chunk
     DOT_PREC: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    br = tl.program_id(1)  # 0: raw branch / adapter r, 1: flow branch / adapter f
+    # One program: BLOCK_M tokens of one branch at one step t. Each (token, t) is computed once.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # over the branch's B*n tokens
+    t = tl.program_id(1)
+    br = tl.program_id(2)  # 0: raw branch / adapter r, 1: flow branch / adapter f
     rmask = rows < B * n
     b = rows // n
     j = rows % n
-    seq = br * B + b
     ks = tl.arange(0, BLOCK_K)
     aa = tl.arange(0, BLOCK_A)
-    dd = tl.arange(0, BLOCK_D)
     kmask = ks < K
     amask = aa < A
     dt = u_ptr.dtype.element_ty
 
     w_in = tl.load(w_in_ptr + br * K * A + ks[:, None] * A + aa[None, :],
                    mask=kmask[:, None] & amask[None, :], other=0.0).to(dt)  # [BLOCK_K, BLOCK_A]
-    b_in = tl.load(b_in_ptr + br * A + aa, mask=amask, other=0.0).to(tl.float32)
-    u_ptrs = u_ptr + seq[:, None] * stride_ub + j[:, None] * stride_un + ks[None, :] * stride_uk
-    z_rows = z_ptr + seq[:, None] * stride_zb + (P + j[:, None]) * stride_zn
-
-    # Pass 1, per chunk of D output columns: y = GELU(a) @ W_out + b_out, stored into z (pre-LN),
-    # with the row statistics merged across chunks (Chan et al.) in fp32. GELU(a) is recomputed per
-    # chunk: its matmul is K/BLOCK_D of the W_out one.
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    done = tl.zeros([BLOCK_M], dtype=tl.float32)  # columns merged so far
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + dd
-        cmask = cols < D
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for t in range(T):
-            ut = tl.load(u_ptrs + t * stride_ut, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            a = mma(ut, w_in, tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32), DOT_PREC, UPCAST_DOT)
-            emb = b_in + tl.load(e_step_ptr + (br * T + t) * A + aa, mask=amask, other=0.0).to(tl.float32)
-            a += emb[None, :]
-            if HAS_TIME:
-                tod = tl.load(tod_ptr + b * stride_tb + t * stride_tt, mask=rmask, other=0)
-                dow = tl.load(dow_ptr + b * stride_tb + t * stride_tt, mask=rmask, other=0)
-                # Out-of-range slots read nothing (callers validate; this keeps memory safe).
-                emask = rmask[:, None] & amask[None, :]
-                a += tl.load(e_tod_ptr + (br * S + tod[:, None]) * A + aa[None, :],
-                             mask=emask & ((tod >= 0) & (tod < S))[:, None], other=0.0)
-                a += tl.load(e_dow_ptr + (br * 7 + dow[:, None]) * A + aa[None, :],
-                             mask=emask & ((dow >= 0) & (dow < 7))[:, None], other=0.0)
-            g = gelu(a).to(dt)
-            w_out = tl.load(w_out_ptr + br * T * A * D + (t * A + aa[:, None]) * D + cols[None, :],
-                            mask=amask[:, None] & cmask[None, :], other=0.0).to(dt)  # [BLOCK_A, BLOCK_D]
-            acc = mma(g, w_out, acc, DOT_PREC, UPCAST_DOT)
-        y = acc + tl.load(b_out_ptr + br * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        cnt = tl.sum(cmask.to(tl.float32), axis=0)
-        c_mean = tl.sum(tl.where(cmask[None, :], y, 0.0), axis=1) / cnt
-        c_m2 = tl.sum(tl.where(cmask[None, :], (y - c_mean[:, None]) * (y - c_mean[:, None]), 0.0), axis=1)
-        delta = c_mean - mean
-        mean += delta * cnt / (done + cnt)
-        m2 += c_m2 + delta * delta * done * cnt / (done + cnt)
-        done += cnt
-        tl.store(z_rows + cols[None, :] * stride_zd, y.to(z_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
-    rstd = 1.0 / tl.sqrt(m2 / D + eps)
-
-    tl.debug_barrier()  # pass 2 reads back what other threads of this program stored
-    # Pass 2: z = (y - mean) * rstd * ln_w + ln_b + pos.
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + dd
-        cmask = cols < D
-        m = rmask[:, None] & cmask[None, :]
-        y = tl.load(z_rows + cols[None, :] * stride_zd, mask=m, other=0.0).to(tl.float32)
-        ln_w = tl.load(ln_w_ptr + br * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        ln_b = tl.load(ln_b_ptr + br * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        pos = tl.load(pos_ptr + j[:, None] * stride_pn + cols[None, :] * stride_pd, mask=m, other=0.0)
-        out = (y - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :] + pos.to(tl.float32)
-        tl.store(z_rows + cols[None, :] * stride_zd, out.to(z_ptr.dtype.element_ty), mask=m)
+    ut = tl.load(u_ptr + (br * B + b)[:, None] * stride_ub + j[:, None] * stride_un + t * stride_ut
+                 + ks[None, :] * stride_uk, mask=rmask[:, None] & kmask[None, :], other=0.0)
+    a = mma(ut, w_in, tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32), DOT_PREC, UPCAST_DOT)
+    emb = (tl.load(b_in_ptr + br * A + aa, mask=amask, other=0.0).to(tl.float32)
+           + tl.load(e_step_ptr + (br * T + t) * A + aa, mask=amask, other=0.0).to(tl.float32))
+    a += emb[None, :]
+    if HAS_TIME:
+        tod = tl.load(tod_ptr + b * stride_tb + t * stride_tt, mask=rmask, other=0)
+        dow = tl.load(dow_ptr + b * stride_tb + t * stride_tt, mask=rmask, other=0)
+        # Out-of-range slots read nothing (callers validate; this keeps memory safe).
+        emask = rmask[:, None] & amask[None, :]
+        a += tl.load(e_tod_ptr + (br * S + tod[:, None]) * A + aa[None, :],
+                     mask=emask & ((tod >= 0) & (tod < S))[:, None], other=0.0).to(tl.float32)
+        a += tl.load(e_dow_ptr + (br * 7 + dow[:, None]) * A + aa[None, :],
+                     mask=emask & ((dow >= 0) & (dow < 7))[:, None], other=0.0).to(tl.float32)
+    g_rows = (br * B * n + rows).to(tl.int64) * (T * A) + t * A
+    tl.store(g_ptr + g_rows[:, None] + aa[None, :], gelu(a).to(g_ptr.dtype.element_ty),
+             mask=rmask[:, None] & amask[None, :])
 
 
-def adapter_blocks(rows: int, K: int, A: int, D: int) -> dict:
-    """Launch constants for ``rows`` tokens per branch (tests/test_kernels_compile.py checks them with ptxas)."""
-    return {"BLOCK_M": 16 if rows <= 1024 else 32, "BLOCK_K": block(K), "BLOCK_A": block(A),
-            "BLOCK_D": min(64, block(D)), "num_warps": 8}
+@triton.jit
+def _adapter_norm_kernel(
+    y_ptr,  # [2, B*n, D] G @ W_out of each branch, contiguous
+    b_out_ptr,  # [2, D] fp32
+    ln_w_ptr,  # [2, D] fp32
+    ln_b_ptr,  # [2, D] fp32
+    pos_ptr,  # [n, D] patch position embedding, any strides
+    z_ptr,  # [2B, P+n, D] out: this kernel writes rows P..P+n-1 of each sequence
+    stride_pn, stride_pd,
+    stride_zb, stride_zn, stride_zd,
+    B, n, D, P, eps,
+    BLOCK_M: tl.constexpr,  # tokens per program
+    BLOCK_D: tl.constexpr,  # >= D: whole rows in registers
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    br = tl.program_id(1)
+    rmask = rows < B * n
+    b = rows // n
+    j = rows % n
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    m = rmask[:, None] & cmask[None, :]
+    y_rows = (br * B * n + rows).to(tl.int64) * D
+    y = tl.load(y_ptr + y_rows[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    y += tl.load(b_out_ptr + br * D + cols, mask=cmask, other=0.0)[None, :]
+    mean = tl.sum(tl.where(m, y, 0.0), axis=1) / D
+    yc = tl.where(m, y - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(yc * yc, axis=1) / D + eps)
+    ln_w = tl.load(ln_w_ptr + br * D + cols, mask=cmask, other=0.0)
+    ln_b = tl.load(ln_b_ptr + br * D + cols, mask=cmask, other=0.0)
+    pos = tl.load(pos_ptr + j[:, None] * stride_pn + cols[None, :] * stride_pd, mask=m, other=0.0)
+    out = yc * rstd[:, None] * ln_w[None, :] + ln_b[None, :] + pos.to(tl.float32)
+    z_rows = (br * B + b).to(tl.int64) * stride_zb + (P + j) * stride_zn
+    tl.store(z_ptr + z_rows[:, None] + cols[None, :] * stride_zd, out.to(z_ptr.dtype.element_ty), mask=m)
+
+
+def adapter_blocks(rows: int, K: int, A: int, D: int) -> tuple[dict, dict]:
+    """Launch constants of the GELU and LayerNorm kernels for ``rows`` tokens per branch.
+
+    tests/test_kernels_compile.py checks them with ptxas. The norm kernel holds whole rows: about
+    8192 fp32 values per program (32 per thread at 8 warps).
+    """
+    gelu_blocks = {"BLOCK_M": 32 if rows <= 1024 else 64, "BLOCK_K": block(K), "BLOCK_A": block(A), "num_warps": 4}
+    BLOCK_D = triton.next_power_of_2(D)
+    norm_blocks = {"BLOCK_M": max(1, min(triton.next_power_of_2(rows), 8192 // BLOCK_D)), "BLOCK_D": BLOCK_D,
+                   "num_warps": 8}
+    return gelu_blocks, norm_blocks
 
 
 @triton_op("stvfm::token_adapter", mutates_args=())
@@ -140,36 +142,51 @@ def token_adapter(u: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[to
                   pos: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     """``u [2B, n, T, K]`` -> ``[2B, P+n, D]`` in ``u.dtype`` (weights as :func:`adapter_weights` stacks them).
 
-    ``tod``/``dow`` int64 ``[B, T]`` go with ``e_tod [2, S, A]``/``e_dow [2, 7, A]`` (all four or none);
-    ``pos [n, D]``; ``prefix [P, D]`` (prefix tokens plus their position embedding, ``P`` may be 0).
+    ``tod``/``dow`` int64 ``[B, T]`` with the same strides go with ``e_tod [2, S, A]``/``e_dow [2, 7, A]``
+    (all four or none); ``w_in [2, K, A]`` and ``w_out [2, T*A, D]`` in ``u.dtype``; ``pos [n, D]`` and
+    ``prefix [P, D]`` (prefix tokens plus their position embedding, ``P`` may be 0) in any strides.
     """
-    check_device(_token_adapter_kernel, u)
+    check_device(_adapter_gelu_kernel, u)
     check_dtype(u, "u")
+    if u.dim() != 4 or u.shape[0] % 2:
+        raise KernelArgError(f"token_adapter: u must be [2B, n, T, K], got {list(u.shape)}")
     B2, n, T, K = u.shape
     B = B2 // 2
-    A, D, P = w_in.shape[2], w_out.shape[2], prefix.shape[0]
+    A, D, P = w_in.shape[-1], w_out.shape[-1], prefix.shape[0]
     has_time = tod is not None
     if has_time != (dow is not None) or has_time != (e_tod is not None) or has_time != (e_dow is not None):
-        raise ValueError("token_adapter: pass tod, dow, e_tod and e_dow together, or none of them")
+        raise KernelArgError("token_adapter: pass tod, dow, e_tod and e_dow together, or none of them")
+    S = e_tod.shape[1] if has_time else 0
+    check_args("token_adapter", u, {
+        "w_in": (w_in, (2, K, A)), "b_in": (b_in, (2, A)), "e_step": (e_step, (2, T, A)),
+        "e_tod": (e_tod, (2, S, A)), "e_dow": (e_dow, (2, 7, A)), "w_out": (w_out, (2, T * A, D)),
+        "b_out": (b_out, (2, D)), "ln_w": (ln_w, (2, D)), "ln_b": (ln_b, (2, D)), "pos": (pos, (n, D)),
+        "prefix": (prefix, (P, D)), "tod": (tod, (B, T)), "dow": (dow, (B, T))}, any_strides=("pos", "prefix", "tod", "dow"))
+    if w_in.dtype != u.dtype or w_out.dtype != u.dtype:
+        raise KernelArgError(f"token_adapter: w_in and w_out must be {u.dtype} like u, got {w_in.dtype} and {w_out.dtype} "
+                         "(adapter_weights(..., dtype) prepares them)")
+    if has_time and (dow.stride() != tod.stride() or tod.dtype != torch.int64 or dow.dtype != torch.int64):
+        raise KernelArgError(f"token_adapter: tod and dow must be int64 with the same strides, got {tod.dtype} "
+                         f"{list(tod.stride())} and {dow.dtype} {list(dow.stride())}")
+    gelu_blocks, norm_blocks = adapter_blocks(B * n, K, A, D)
+    g = torch.empty(2, B * n, T * A, dtype=u.dtype, device=u.device)
+    wrap_triton(_adapter_gelu_kernel)[(triton.cdiv(B * n, gelu_blocks["BLOCK_M"]), T, 2)](
+        u, tod if has_time else b_in, dow if has_time else b_in,  # any pointer: never read when HAS_TIME is False
+        w_in, b_in, e_step, e_tod if has_time else b_in, e_dow if has_time else b_in, g,
+        *u.stride(),
+        tod.stride(0) if has_time else 0, tod.stride(1) if has_time else 0,
+        B, n, T, K, A, S,
+        HAS_TIME=has_time, **gelu_blocks, **dot_flags(_adapter_gelu_kernel, u.dtype),
+    )
+    y = torch.bmm(g, w_out)  # [2, B*n, D]: the one large matmul, on the library GEMM
     z = torch.empty(B2, P + n, D, dtype=u.dtype, device=u.device)
     if P:
         z[:, :P].copy_(prefix.to(u.dtype).unsqueeze(0).expand(B2, P, D))
-    tod_ = tod if has_time else b_in  # any pointer: never read when HAS_TIME is False
-    dow_ = dow if has_time else b_in
-    S = e_tod.shape[1] if has_time else 0
-    blocks = adapter_blocks(B * n, K, A, D)
-    grid = (triton.cdiv(B * n, blocks["BLOCK_M"]), 2)
-    wrap_triton(_token_adapter_kernel)[grid](
-        u, tod_, dow_, w_in, b_in, e_step,
-        e_tod if has_time else b_in, e_dow if has_time else b_in,
-        w_out, b_out, ln_w, ln_b, pos, z,
-        *u.stride(),
-        tod.stride(0) if has_time else 0, tod.stride(1) if has_time else 0,
+    wrap_triton(_adapter_norm_kernel)[(triton.cdiv(B * n, norm_blocks["BLOCK_M"]), 2)](
+        y, b_out, ln_w, ln_b, pos, z,
         *pos.stride(), *z.stride(),
-        B, n, T, K, A, D, S, P, LN_EPS,
-        HAS_TIME=has_time,
-        **blocks,
-        **dot_flags(_token_adapter_kernel, u.dtype),
+        B, n, D, P, LN_EPS,
+        **norm_blocks,
     )
     return z
 
