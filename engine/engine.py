@@ -74,7 +74,8 @@ class Engine:
         config = STVFMConfig.from_dict(manifest["config"])
         request = OpenRequest(directory, manifest["backends"].get(choice.backend) if spec.artifact else None, config,
                               get_precision(choice.precision), torch.device(choice.device), threads,
-                              reference=lambda: reference_model(directory, manifest, verify=False))
+                              reference=lambda: reference_model(directory, manifest, verify=False),
+                              max_batch=int(manifest["max_batch"]))
         runner = spec.impl().open(request)
         return cls(directory, manifest, choice.backend, choice.precision, choice.device,
                    threads if spec.threads else None, runner)

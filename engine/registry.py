@@ -95,6 +95,7 @@ class OpenRequest:
     device: torch.device
     threads: Optional[int]
     reference: Callable[[], STVFM]  # the fp32 reference model, built on demand
+    max_batch: int  # the largest batch it will be asked for (the triton backend captures CUDA graphs up to it)
 
 
 @dataclass

@@ -158,7 +158,7 @@ def _build_one(name: str, ctx: BuildContext, ui: BuildProgress, calib_data: Opti
     entry = {"file": artifact.path.name, "precision": prec.name, "device": run_device}
     with ctx.stage(name, f"parity gate on {run_device}"):
         runner = spec.impl().open(OpenRequest(ctx.directory, entry, model.config, prec, torch.device(run_device),
-                                              None, reference=lambda: model))
+                                              None, reference=lambda: model, max_batch=ctx.max_batch))
         entry["parity"] = check_parity(name, runner, model, prec, ctx.max_batch)
     ui.note(f"{name}: max relative error {entry['parity']['max_rel_err']:.2e} (tolerance {prec.tolerance:g})")
     if prec.reduced:

@@ -18,6 +18,11 @@ def interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def running_interpreted() -> bool:
+    """Whether this process's stvfm kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return interpreted(gelu)
+
+
 class KernelArgError(STVFMError, ValueError):
     """An argument that breaks a public ``torch.ops.stvfm.*`` op's contract (device, shape, dtype, strides)."""
 
@@ -32,7 +37,7 @@ def why_not_runnable(device: str | torch.device, dtype: Optional[torch.dtype] = 
     if dtype is not None and dtype not in FLOAT_DTYPES:
         return f"the stvfm kernels compute in float32, bfloat16 or float16, not {dtype}"
     if device.type == "cpu":
-        if interpreted(gelu):
+        if running_interpreted():
             return None
         if os.environ.get("TRITON_INTERPRET") == "1":
             return ("TRITON_INTERPRET=1 was set after stvfm_engine.kernels was imported, so its kernels were "

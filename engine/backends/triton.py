@@ -22,7 +22,8 @@ def open(request: OpenRequest) -> Runner:  # noqa: A001 - the registry's interfa
     from stvfm_engine.engine.triton_backend import load_triton_backend
 
     try:
-        fn = load_triton_backend(request.reference(), precision=request.precision.name, device=str(request.device))
+        fn = load_triton_backend(request.reference(), precision=request.precision.name, device=str(request.device),
+                                 max_batch=request.max_batch)
     except STVFMError:
         raise
     except Exception as e:  # the Triton path may fail in many ways (no GPU, no interpreter, unsupported op)
