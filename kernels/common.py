@@ -47,7 +47,8 @@ def why_not_runnable(device: str | torch.device, dtype: Optional[torch.dtype] = 
     if device.type != "cuda":
         return f"the stvfm kernels run on cuda (or on a CPU under TRITON_INTERPRET=1), not {device.type}"
     if not torch.cuda.is_available():
-        return f"torch {torch.__version__} sees no CUDA device" + (" (a CPU-only build)" if torch.version.cuda is None else "")
+        build = " (a CPU-only build)" if torch.version.cuda is None else ""
+        return f"torch {torch.__version__} sees no CUDA device{build}"
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         return f"{device} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)"
@@ -87,7 +88,8 @@ def check_args(op: str, like: torch.Tensor, shapes: dict[str, tuple[Optional[tor
             want = ", ".join("*" if s is None else str(s) for s in shape)
             raise KernelArgError(f"{op}: {name} must be [{want}], got {list(t.shape)}")
         if name not in any_strides and not t.is_contiguous():
-            raise KernelArgError(f"{op}: {name} must be contiguous, got strides {list(t.stride())} for {list(t.shape)}")
+            raise KernelArgError(f"{op}: {name} must be contiguous, got strides {list(t.stride())} "
+                                 f"for {list(t.shape)}")
 
 
 def dot_flags(kernel, dtype: torch.dtype) -> dict:

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from stvfm_engine.kernels.common import KernelArgError, block, check_args, check_device, check_dtype, dot_flags, gelu, mma
+from stvfm_engine.kernels.common import (KernelArgError, block, check_args, check_device, check_dtype, dot_flags,
+                                         gelu, mma)
 from stvfm_engine.model.stvfm import LN_EPS, TokenAdapter
 
 
@@ -161,13 +162,14 @@ def token_adapter(u: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[to
         "w_in": (w_in, (2, K, A)), "b_in": (b_in, (2, A)), "e_step": (e_step, (2, T, A)),
         "e_tod": (e_tod, (2, S, A)), "e_dow": (e_dow, (2, 7, A)), "w_out": (w_out, (2, T * A, D)),
         "b_out": (b_out, (2, D)), "ln_w": (ln_w, (2, D)), "ln_b": (ln_b, (2, D)), "pos": (pos, (n, D)),
-        "prefix": (prefix, (P, D)), "tod": (tod, (B, T)), "dow": (dow, (B, T))}, any_strides=("pos", "prefix", "tod", "dow"))
+        "prefix": (prefix, (P, D)), "tod": (tod, (B, T)), "dow": (dow, (B, T))},
+        any_strides=("pos", "prefix", "tod", "dow"))
     if w_in.dtype != u.dtype or w_out.dtype != u.dtype:
-        raise KernelArgError(f"token_adapter: w_in and w_out must be {u.dtype} like u, got {w_in.dtype} and {w_out.dtype} "
-                         "(adapter_weights(..., dtype) prepares them)")
+        raise KernelArgError(f"token_adapter: w_in and w_out must be {u.dtype} like u, got {w_in.dtype} and "
+                             f"{w_out.dtype} (adapter_weights(..., dtype) prepares them)")
     if has_time and (dow.stride() != tod.stride() or tod.dtype != torch.int64 or dow.dtype != torch.int64):
         raise KernelArgError(f"token_adapter: tod and dow must be int64 with the same strides, got {tod.dtype} "
-                         f"{list(tod.stride())} and {dow.dtype} {list(dow.stride())}")
+                             f"{list(tod.stride())} and {dow.dtype} {list(dow.stride())}")
     gelu_blocks, norm_blocks = adapter_blocks(B * n, K, A, D)
     g = torch.empty(2, B * n, T * A, dtype=u.dtype, device=u.device)
     wrap_triton(_adapter_gelu_kernel)[(triton.cdiv(B * n, gelu_blocks["BLOCK_M"]), T, 2)](

@@ -1,4 +1,7 @@
-"""torch.ops.stvfm.prompt_condition / bilateral_attention against the model's CrossPromptCoordination (CUDA or interpreter)."""
+"""torch.ops.stvfm.prompt_condition / bilateral_attention against the model's CrossPromptCoordination.
+
+On CUDA where present, else in Triton's interpreter.
+"""
 from __future__ import annotations
 
 import copy

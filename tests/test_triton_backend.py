@@ -5,7 +5,7 @@ import copy
 import os
 import subprocess
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -223,11 +223,8 @@ def test_graph_replay_across_batch_sizes_and_threads(models):
                 if y.shape != expected[i].shape or rel_err(y, expected[i]) > 1e-6:
                     failures.append((seed, i))
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(worker, range(6)))  # re-raises a worker's exception
     assert not failures
     for case, y in zip(cases, expected):
         assert rel_err(y, reference(model, *case)) <= 2e-2
