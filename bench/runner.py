@@ -16,7 +16,11 @@ from stvfm_engine.bench import memory, report, roofline, stages
 from stvfm_engine.bench.timing import Schedule, summarize, time_interleaved
 from stvfm_engine.engine import Engine
 from stvfm_engine.engine.manifest import read_manifest
-from stvfm_engine.engine.registry import BACKENDS, names
+from stvfm_engine.engine.precision import get_precision
+from stvfm_engine.engine.reference import reference_model
+from stvfm_engine.engine.registry import BACKENDS, OpenRequest, get_backend, names
+from stvfm_engine.engine.resolve import normalize_device
+from stvfm_engine.engine.runtime import cuda_status
 from stvfm_engine.errors import STVFMError
 from stvfm_engine.model.config import STVFMConfig
 
@@ -80,15 +84,31 @@ def parse_list(text: str, kind: type = str) -> list:
 
 
 # ----------------------------------------------------------------------------- opening engines
+def open_variant(directory: Path, backend: str, precision: Optional[str], threads: Optional[int],
+                 device: Optional[str] = None) -> Variant:
+    """One backend of the engine in ``directory``: a served one through ``Engine.load``, a bench-only
+    baseline (``compile``) through its registry record, from the same weights (``precision`` None:
+    the backend's default for the device)."""
+    spec = get_backend(backend, bench=True)
+    if not spec.bench_only:
+        eng = Engine.load(directory, backend=backend, precision=precision, device=device, threads=threads)
+        return Variant(backend, eng.precision, eng.predict, Path(directory), eng.device)
+    device = normalize_device(device) or ("cuda" if cuda_status() is None else "cpu")
+    if why := spec.why_not_run(device):
+        raise BenchError(f"baseline {backend} cannot run on {device} here: {why}")
+    manifest = read_manifest(directory)
+    prec = get_precision(spec.precision_for(device, precision))
+    runner = spec.impl().open(OpenRequest(Path(directory), None, STVFMConfig.from_dict(manifest["config"]), prec,
+                                          torch.device(device), threads,
+                                          reference=lambda: reference_model(directory, manifest),
+                                          max_batch=int(manifest["max_batch"])))
+    return Variant(backend, prec.name, runner, None, device)  # not an Engine: no peak-memory process
+
+
 def engine_variants(directory: Path, backends: Sequence[str], precision: Optional[str], threads: Optional[int],
                     device: Optional[str] = None) -> list[Variant]:
     """Open each backend of the engine in ``directory`` (a weights backend at its default precision for the device)."""
-    out = []
-    for b in backends:
-        prec = precision if BACKENDS[b].artifact else None
-        eng = Engine.load(directory, backend=b, precision=prec, device=device, threads=threads)
-        out.append(Variant(b, eng.precision, eng.predict, Path(directory), eng.device))
-    return out
+    return [open_variant(directory, b, precision if BACKENDS[b].artifact else None, threads, device) for b in backends]
 
 
 @contextlib.contextmanager
@@ -101,9 +121,9 @@ def open_targets(targets: Sequence[str | os.PathLike], backends: Sequence[str], 
     precision) into a temporary engine with the requested artifact backends. ``eager`` and
     ``triton`` are opened once, from the first target.
     """
-    bad = [b for b in backends if b not in names()]
+    bad = [b for b in backends if b not in names(bench=True)]
     if bad:
-        raise BenchError(f"unknown backend(s) {bad}; expected some of {list(names())}")
+        raise BenchError(f"unknown backend(s) {bad}; expected some of {list(names(bench=True))}")
     with tempfile.TemporaryDirectory(prefix="stvfm-bench-") as tmp:
         dirs: list[tuple[Path, Optional[str]]] = []
         artifacts = [b for b in backends if BACKENDS[b].artifact]

@@ -1,9 +1,10 @@
 """Per-stage breakdown of one forward call: normalise+flow, token adapter, backbone, BCPC, head.
 
-The eager model is run stage by stage with a marker around each stage: ``torch.profiler``'s
-``record_function`` on a CPU (the stage's CPU time), CUDA events on a GPU (the stage's device time).
-The Triton path (CPU only) is profiled as one call and its time is attributed by the ops its fused
-kernels register (``stvfm::...``) and by its backbone module.
+The eager model and the Triton path are each run stage by stage with a marker around each stage:
+``torch.profiler``'s ``record_function`` on a CPU (the stage's CPU time), a pair of CUDA events on a
+GPU (the stage's device time, launch gaps included). The Triton path is timed through its un-graphed
+forward (:meth:`~stvfm_engine.engine.triton_backend.TritonPredictor.forward`): at small batches, where
+its CUDA graphs remove the launch gaps, these stage times overstate what a replay costs.
 """
 from __future__ import annotations
 
@@ -73,82 +74,54 @@ def _profile_cpu(fn: Callable[[], object], iters: int) -> "torch.autograd.profil
     return prof.key_averages()
 
 
+def stage_times(runner: str, staged: Callable[[Marker], object], batch: int, cuda: bool, iters: int = 10,
+                warmup: int = 3) -> list[dict]:
+    """Mean time per stage of ``staged(mark)`` (one forward call, each stage inside ``mark(stage)``)."""
+    for _ in range(warmup):
+        staged(lambda name: contextlib.nullcontext())
+    if cuda:
+        marks = _CudaMarks()
+        for _ in range(iters):
+            staged(marks)
+        return _rows(runner, batch, marks.mean_ms(), "cuda_events")
+    from torch.profiler import record_function
+
+    events = _profile_cpu(lambda: staged(record_function), iters)
+    ms = {e.key: e.cpu_time_total / e.count / 1e3 for e in events if e.key in STAGES}
+    return _rows(runner, batch, ms, "torch.profiler")
+
+
 def eager_stages(model: STVFM, x: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[torch.Tensor],
                  iters: int = 10, warmup: int = 3) -> list[dict]:
-    """Mean time per stage of the eager model over ``iters`` calls (after ``warmup`` calls)."""
-    batch = x.shape[0]
+    """Mean time per stage of the eager ``model`` (fp32, or a reduced-precision copy: ``x`` is cast to it)."""
+    x = x.to(next(model.parameters()).dtype)
     with torch.inference_mode():
-        for _ in range(warmup):
-            staged_forward(model, x, tod, dow)
-        if x.is_cuda:
-            marks = _CudaMarks()
-            for _ in range(iters):
-                staged_forward(model, x, tod, dow, marks)
-            return _rows("eager", batch, marks.mean_ms(), "cuda_events")
-        from torch.profiler import record_function
-
-        events = _profile_cpu(lambda: staged_forward(model, x, tod, dow, record_function), iters)
-    ms = {e.key: e.cpu_time_total / e.count / 1e3 for e in events if e.key in STAGES}
-    return _rows("eager", batch, ms, "torch.profiler")
+        return stage_times("eager", lambda mark: staged_forward(model, x, tod, dow, mark), x.shape[0], x.is_cuda,
+                           iters, warmup)
 
 
-# Ops of the Triton path's fused kernels, by stage (``torch.ops.stvfm.*`` as the profiler names them).
-TRITON_STAGE_OPS = {
-    "normalise+flow": ("stvfm::flow_patchify",),
-    "token adapter": ("stvfm::token_adapter",),
-    "bcpc": ("stvfm::prompt_condition", "stvfm::bilateral_attention"),
-}
-_CALL = "stvfm-bench::call"
+def triton_stage_runner(reference: STVFM, precision: str, device: str, max_batch: int, iters: int = 10,
+                        warmup: int = 3) -> Callable[[int], list[dict]]:
+    """``run(batch) -> rows``: the Triton path's stage breakdown at ``precision`` on ``device``, timed on an
+    un-graphed predictor of its own, on :func:`~stvfm_engine.bench.runner.make_inputs` inputs."""
+    from stvfm_engine.bench.runner import make_inputs  # runner imports this module
+    from stvfm_engine.engine.triton_backend import load_triton_backend
+
+    fn = load_triton_backend(reference, precision, device, max_batch=max_batch, cuda_graphs=False)
+
+    def run(batch: int) -> list[dict]:
+        x, tod, dow = (None if a is None else torch.from_numpy(a).to(fn.device)
+                       for a in make_inputs(reference.config, batch))
+        return triton_stages(fn, x, tod, dow, iters, warmup)
+
+    return run
 
 
-@contextlib.contextmanager
-def _marked(module: Optional[torch.nn.Module], stage: str) -> Iterator[None]:
-    """Wrap ``module``'s forward in ``record_function(stage)`` while inside."""
-    if module is None:
-        yield
-        return
-    from torch.profiler import record_function
-
-    ranges = []
-    pre = module.register_forward_pre_hook(lambda _m, _a: ranges.append(record_function(stage).__enter__()))
-    post = module.register_forward_hook(lambda _m, _a, _o: ranges.pop().__exit__(None, None, None))
-    try:
-        yield
-    finally:
-        pre.remove()
-        post.remove()
-
-
-def triton_stages(forward: Callable[[], object], backbone: Optional[torch.nn.Module], batch: int,
-                  iters: int = 3, warmup: int = 1) -> list[dict]:
-    """Stage times of the Triton path (CPU) from one ``torch.profiler`` run over ``iters`` calls.
-
-    The fused ops give normalise+flow, token adapter and BCPC, the ``backbone`` module's forward
-    the backbone; ``head`` is the rest of the call (fusion linear, head, un-patchify). Under
-    ``TRITON_INTERPRET=1`` the figures show where the interpreter spends its time, not what a GPU
-    would do.
-    """
-    from torch.profiler import record_function
-
-    def call():
-        with record_function(_CALL):
-            forward()
-
-    with torch.inference_mode():
-        for _ in range(warmup):
-            forward()
-        with _marked(backbone, "backbone"):
-            events = _profile_cpu(call, iters)
-    ms = {stage: 0.0 for stage in STAGES}
-    total = 0.0
-    for e in events:
-        t = e.cpu_time_total / iters / 1e3
-        if e.key == _CALL:
-            total = t
-        elif e.key == "backbone":
-            ms["backbone"] += t
-        for stage, names in TRITON_STAGE_OPS.items():
-            if e.key in names:
-                ms[stage] += t
-    ms["head"] = max(total - sum(ms.values()), 0.0)
-    return _rows("triton", batch, ms, "torch.profiler")
+def triton_stages(predictor, x: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[torch.Tensor],
+                  iters: int = 10, warmup: int = 3) -> list[dict]:
+    """Mean time per stage of a :class:`~stvfm_engine.engine.triton_backend.TritonPredictor`'s forward on
+    device tensors. Under ``TRITON_INTERPRET=1`` the figures show where the interpreter spends its
+    time, not what a GPU would do."""
+    # no_grad (the forward's own mode), not inference_mode: a compiled backbone keeps its guards
+    return stage_times("triton", lambda mark: predictor.forward(x, tod, dow, mark), x.shape[0], x.is_cuda,
+                       iters, warmup)

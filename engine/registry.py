@@ -133,6 +133,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("eager", "stvfm_engine.engine.backends.eager", precisions=("fp32", "bf16", "fp16")),
     Backend("triton", "stvfm_engine.engine.backends.triton", precisions=("fp32", "bf16", "fp16"), thread_safe=False,
             default_precision=(("cuda", "bf16"),), distributions=("triton",)),
+    Backend("compile", "stvfm_engine.engine.backends.compile", precisions=("fp32", "bf16", "fp16"), thread_safe=False,
+            default_precision=(("cuda", "bf16"),), bench_only=True,
+            note="bench baseline: torch.compile(mode='max-autotune') of the reference model"),
 )}
 
 # Fastest first, as measured on this project's machines (shared/docs/pitfalls.md): on a CPU, ONNX Runtime

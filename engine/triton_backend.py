@@ -212,16 +212,17 @@ class TritonPredictor:
 
 
 def load_triton_backend(model: STVFM, precision: Optional[str] = None, device: str | torch.device = "cpu",
-                        max_batch: int = DEFAULT_MAX_BATCH, compile_backbone: Optional[bool] = None) -> TritonPredictor:
+                        max_batch: int = DEFAULT_MAX_BATCH, compile_backbone: Optional[bool] = None,
+                        cuda_graphs: Optional[bool] = None) -> TritonPredictor:
     """The ``triton`` backend of ``model`` (the fp32 reference) at ``precision`` on ``device``.
 
     Returns ``fn(x, tod=None, dow=None) -> y``: torch tensors, ``x`` float32 ``[B, T, C, H, W]``,
     ``tod``/``dow`` int64 ``[B, T]`` (only for models with ``steps_per_day > 0``), ``y`` float32
     ``[B, T_out, C, H, W]`` on ``device``, ``B <= max_batch``. ``precision``: ``fp32``, ``bf16`` or
     ``fp16`` (None: the registry's default, bf16 on CUDA). ``compile_backbone`` (None: on CUDA only) runs the
-    frozen blocks through ``torch.compile``. On CUDA (not under the interpreter) every bucket of
-    :func:`graph_buckets` is captured as a CUDA graph here; calls then replay them, serialised by a
-    lock, on the predictor's own stream. Raises :class:`~stvfm_engine.errors.STVFMError` where it cannot run.
+    frozen blocks through ``torch.compile``. With ``cuda_graphs`` (None: on CUDA, not under the
+    interpreter) every bucket of :func:`graph_buckets` is captured as a CUDA graph here; calls then
+    replay them, serialised by a lock, on the predictor's own stream. Raises :class:`~stvfm_engine.errors.STVFMError` where it cannot run.
     """
     from stvfm_engine.kernels import running_interpreted, why_not_runnable
 
@@ -235,6 +236,7 @@ def load_triton_backend(model: STVFM, precision: Optional[str] = None, device: s
     if why := why_not_runnable(device, dtype):
         raise STVFMError(f"the triton backend cannot run on {device}: {why}")
     compiled = device.type == "cuda" and not running_interpreted()
-    if compile_backbone is None:
-        compile_backbone = compiled
-    return TritonPredictor(model, dtype, device, max_batch, cuda_graphs=compiled, compile_backbone=compile_backbone)
+    if cuda_graphs and not compiled:
+        raise STVFMError("CUDA graphs need a CUDA device and compiled kernels (not TRITON_INTERPRET=1)")
+    return TritonPredictor(model, dtype, device, max_batch, cuda_graphs=compiled if cuda_graphs is None else cuda_graphs,
+                           compile_backbone=compiled if compile_backbone is None else compile_backbone)

@@ -55,7 +55,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dev = next((v.device for v in variants if v.backend == "eager"), "cpu")
             stage_model = reference.to(dev)
         if not args.no_stages and "triton" in backends:
-            triton_stage = _triton_stage(reference, variants, config, threads)
+            from stvfm_engine.bench.stages import triton_stage_runner
+
+            tv = next(v for v in variants if v.backend == "triton")
+            triton_stage = triton_stage_runner(reference, tv.precision, tv.device, max(batches), args.stage_iters)
         result = run_bench(variants, config, batches, Schedule.for_iters(args.iters, args.warmup), threads,
                            measure_memory=not args.no_memory, stage_model=stage_model, triton_stage=triton_stage,
                            stage_iters=args.stage_iters, command=["stvfm-engine", "bench", *sys.argv[2:]]
@@ -70,28 +73,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot_report(result, args.plot)
         log(f"plot written to {args.plot}")
     return 0
-
-
-def _triton_stage(reference, variants, config, threads):
-    """The Triton path's stage breakdown, profiled on its own module (see bench.stages)."""
-    import torch
-
-    from stvfm_engine.bench.runner import make_inputs
-    from stvfm_engine.bench.stages import triton_stages
-    from stvfm_engine.engine.triton_backend import load_triton_backend
-
-    device = next((v.device for v in variants if v.backend == "triton"), "cpu")
-    if str(device).startswith("cuda"):
-        print("bench: the triton stage breakdown is CPU-only (CUDA graphs hide the stages); skipped", file=sys.stderr)
-        return None
-    fn = load_triton_backend(reference, precision="fp32", device=str(device))
-    backbone = getattr(fn, "backbone", None)
-
-    def run(batch):
-        x, tod, dow = (None if a is None else torch.from_numpy(a).to(device) for a in make_inputs(config, batch))
-        return triton_stages(lambda: fn(x, tod, dow), backbone, batch)
-
-    return run
 
 
 def register(sub) -> None:
