@@ -129,7 +129,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("tensorrt", "stvfm_engine.engine.backends.tensorrt", files=("model.plan", "model.timing.cache"),
             devices=("cuda",), precisions=("fp32", "bf16", "fp16"), thread_safe=False, distributions=("tensorrt",),
             note="untested here: no machine of this project (CPU or lent GPU) has TensorRT; "
-                 "the code path follows the TensorRT 10 API but has never run"),
+                 "the code path follows the TensorRT 10 and 11 APIs but has never run"),
     Backend("eager", "stvfm_engine.engine.backends.eager", precisions=("fp32", "bf16", "fp16")),
     Backend("triton", "stvfm_engine.engine.backends.triton", precisions=("fp32", "bf16", "fp16"), thread_safe=False,
             default_precision=(("cuda", "bf16"),), distributions=("triton",)),

@@ -1,8 +1,13 @@
-"""TensorRT: ``model.plan`` built from the fp32 ONNX file through the name-based API (TensorRT 10), fp32/bf16/fp16.
+"""TensorRT: ``model.plan`` built from the fp32 ONNX file through the name-based API, fp32/bf16/fp16.
 
-One optimisation profile over batch 1..max, a timing cache stored next to the plan
-(``model.timing.cache``; the previous build's cache seeds the next one), and for fp16/bf16 every normalisation layer
-pinned to fp32 (TensorRT fp16 LayerNorm overflows on ViTs: NVIDIA/TensorRT 2564, 3692).
+Works with the Python APIs of TensorRT 10 and 11. One optimisation profile over batch 1..max, a
+timing cache stored next to the plan (``model.timing.cache``; the previous build's cache seeds the
+next one), no TF32 in an fp32 build (the fp32 parity gate is 1e-4), and LayerNorm kept in fp32 at
+fp16/bf16 (TensorRT fp16 LayerNorm overflows on ViTs: NVIDIA/TensorRT 2564, 3692). Reduced precision
+differs by version: TensorRT 10 is weakly typed (builder precision flags, normalisation layers
+pinned to fp32); TensorRT 11 removed those flags and builds strongly typed networks only, so there
+every matrix multiply gets casts to the reduced type around it and all other layers keep the parsed
+fp32 (:func:`cast_matmuls`).
 
 Untested here: neither this project's machines nor the lent GPU have TensorRT.
 """
@@ -56,9 +61,10 @@ def build_tensorrt(onnx_path: Path, plan_path: Path, precision: Precision, max_b
     """Build ``plan_path`` from ``onnx_path``; the timing cache goes beside it, seeded from ``seed_cache``."""
     import tensorrt as trt
 
+    major = int(trt.__version__.split(".")[0])
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(0)  # explicit batch is the only mode (10); strongly typed is the only one (11)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -79,7 +85,12 @@ def build_tensorrt(onnx_path: Path, plan_path: Path, precision: Precision, max_b
     cache = config.create_timing_cache(seed)
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    if precision.reduced:
+    if not precision.reduced:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    elif major >= 11:
+        if cast_matmuls(trt, network, trt.DataType.HALF if precision.name == "fp16" else trt.DataType.BF16) == 0:
+            raise ExportError(f"{onnx_path.name} has no matrix multiply to run in {precision.name}")
+    else:
         config.set_flag(trt.BuilderFlag.FP16 if precision.name == "fp16" else trt.BuilderFlag.BF16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = 0
@@ -99,6 +110,44 @@ def build_tensorrt(onnx_path: Path, plan_path: Path, precision: Precision, max_b
     plan_path.write_bytes(bytes(serialized))
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     return plan_path
+
+
+def cast_matmuls(trt, network, dtype) -> int:
+    """Run every fp32 matrix multiply of a strongly typed ``network`` in ``dtype``; returns how many.
+
+    Each float32 operand goes through a cast to ``dtype`` (one per tensor, shared), and the product
+    through a cast back to float32 that every former consumer (and the network output, by name) now
+    reads; normalisation, softmax and element-wise layers keep the parsed fp32.
+    """
+    fp32 = trt.DataType.FLOAT
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    consumers: dict[str, list] = {}
+    for layer in layers:
+        for j in range(layer.num_inputs):
+            if (t := layer.get_input(j)) is not None:
+                consumers.setdefault(t.name, []).append((layer, j))
+    down: dict[str, Any] = {}
+    count = 0
+    for mm in layers:
+        if mm.type != trt.LayerType.MATRIX_MULTIPLY or any(mm.get_input(j).dtype != fp32 for j in range(2)):
+            continue
+        for j in range(2):
+            src = mm.get_input(j)
+            if src.name not in down:
+                down[src.name] = network.add_cast(src, dtype).get_output(0)
+            mm.set_input(j, down[src.name])
+        out = mm.get_output(0)
+        back = network.add_cast(out, fp32).get_output(0)
+        for layer, j in consumers.get(out.name, []):
+            layer.set_input(j, back)
+        if out.is_network_output:
+            name = out.name
+            network.unmark_output(out)
+            out.name = f"{name}.{dtype}"
+            back.name = name
+            network.mark_output(back)
+        count += 1
+    return count
 
 
 class TensorRTRunner(Runner):
