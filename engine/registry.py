@@ -131,7 +131,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             note="untested here: no machine of this project (CPU or lent GPU) has TensorRT; "
                  "the code path follows the TensorRT 10 and 11 APIs but has never run"),
     Backend("eager", "stvfm_engine.engine.backends.eager", precisions=("fp32", "bf16", "fp16")),
-    Backend("triton", "stvfm_engine.engine.backends.triton", precisions=("fp32", "bf16", "fp16"), thread_safe=False,
+    # triton: its runner is thread-safe with CUDA graphs (they serialise themselves), not in the interpreter
+    Backend("triton", "stvfm_engine.engine.backends.triton", precisions=("fp32", "bf16", "fp16"),
             default_precision=(("cuda", "bf16"),), distributions=("triton",)),
     Backend("compile", "stvfm_engine.engine.backends.compile", precisions=("fp32", "bf16", "fp16"), thread_safe=False,
             default_precision=(("cuda", "bf16"),), bench_only=True,

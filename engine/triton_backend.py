@@ -222,7 +222,8 @@ def load_triton_backend(model: STVFM, precision: Optional[str] = None, device: s
     ``fp16`` (None: the registry's default, bf16 on CUDA). ``compile_backbone`` (None: on CUDA only) runs the
     frozen blocks through ``torch.compile``. With ``cuda_graphs`` (None: on CUDA, not under the
     interpreter) every bucket of :func:`graph_buckets` is captured as a CUDA graph here; calls then
-    replay them, serialised by a lock, on the predictor's own stream. Raises :class:`~stvfm_engine.errors.STVFMError` where it cannot run.
+    replay them, serialised by a lock, on the predictor's own stream. Raises
+    :class:`~stvfm_engine.errors.STVFMError` where it cannot run.
     """
     from stvfm_engine.kernels import running_interpreted, why_not_runnable
 
@@ -238,5 +239,6 @@ def load_triton_backend(model: STVFM, precision: Optional[str] = None, device: s
     compiled = device.type == "cuda" and not running_interpreted()
     if cuda_graphs and not compiled:
         raise STVFMError("CUDA graphs need a CUDA device and compiled kernels (not TRITON_INTERPRET=1)")
-    return TritonPredictor(model, dtype, device, max_batch, cuda_graphs=compiled if cuda_graphs is None else cuda_graphs,
+    return TritonPredictor(model, dtype, device, max_batch,
+                           cuda_graphs=compiled if cuda_graphs is None else cuda_graphs,
                            compile_backbone=compiled if compile_backbone is None else compile_backbone)
