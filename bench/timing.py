@@ -1,9 +1,11 @@
 """Block-interleaved latency measurement and its summary statistics.
 
 On a small CPU the thread pools of ONNX Runtime and PyTorch keep spinning after a call and slow
-whatever runs next, so variants are never timed one after the other: each round runs every
-variant in a block of consecutive calls, the first calls of each block are dropped, the order of
-the variants rotates from round to round, and the statistics are taken over all kept calls.
+whatever runs next (measured: eager ``tiny`` 1.8x slower right after an ONNX Runtime block, for
+longer than the first calls of the block), so variants are never timed one after the other: each
+round runs every variant in a block of consecutive calls after a cool-down pause that lets the
+previous block's threads go to sleep, the first calls of each block are dropped, the order of the
+variants rotates from round to round, and the statistics are taken over all kept calls.
 """
 from __future__ import annotations
 
@@ -17,26 +19,30 @@ import numpy as np
 @dataclass(frozen=True)
 class Schedule:
     """How many calls are made: ``warmup`` untimed calls per variant, then ``rounds`` rounds of
-    ``block`` calls per variant, of which the first ``drop`` of each block are discarded."""
+    ``block`` calls per variant, each block after a pause of ``cooldown_s`` seconds, of which the
+    first ``drop`` of each block are discarded."""
 
     warmup: int = 3
     rounds: int = 5
     block: int = 8
     drop: int = 2
+    cooldown_s: float = 0.3  # measured: 0.3 s removes the slow-down left by the previous block
 
     def __post_init__(self):
-        if self.warmup < 0 or self.rounds < 1 or self.block < 1 or not 0 <= self.drop < self.block:
-            raise ValueError(f"bad schedule {self}: need warmup >= 0, rounds >= 1, block >= 1, 0 <= drop < block")
+        if (self.warmup < 0 or self.rounds < 1 or self.block < 1 or not 0 <= self.drop < self.block
+                or not 0 <= self.cooldown_s <= 60):
+            raise ValueError(f"bad schedule {self}: need warmup >= 0, rounds >= 1, block >= 1, 0 <= drop < block, "
+                             "0 <= cooldown_s <= 60")
 
     @classmethod
-    def for_iters(cls, iters: int, warmup: int = 3) -> "Schedule":
+    def for_iters(cls, iters: int, warmup: int = 3, cooldown_s: float = 0.3) -> "Schedule":
         """A schedule that keeps about ``iters`` timed calls per variant (at least one per block)."""
         if iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
         rounds = max(1, min(10, -(-iters // 4)))
         kept = -(-iters // rounds)
         drop = 2 if kept >= 4 else 1
-        return cls(warmup=warmup, rounds=rounds, block=kept + drop, drop=drop)
+        return cls(warmup=warmup, rounds=rounds, block=kept + drop, drop=drop, cooldown_s=cooldown_s)
 
     @property
     def kept_per_variant(self) -> int:
@@ -45,11 +51,13 @@ class Schedule:
 
 def time_interleaved(variants: Mapping[str, Callable[[], object]], schedule: Schedule = Schedule(),
                      sync: Optional[Callable[[], None]] = None,
-                     timer: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                     timer: Callable[[], float] = time.perf_counter,
+                     sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
     """Time every callable in ``variants`` interleaved in blocks; returns kept latencies in ms.
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) is called before starting and before stopping each
-    clock, so that asynchronous GPU work is inside the measurement.
+    clock, so that asynchronous GPU work is inside the measurement. A single variant gets the same
+    schedule (pauses included), so that it can be compared with itself timed among others.
     """
     names = list(variants)
     if not names:
@@ -64,6 +72,8 @@ def time_interleaved(variants: Mapping[str, Callable[[], object]], schedule: Sch
         k = r % len(names)
         for name in names[k:] + names[:k]:  # rotate: no variant always follows the same one
             fn = variants[name]
+            if schedule.cooldown_s:
+                sleep(schedule.cooldown_s)
             for i in range(schedule.block):
                 sync()
                 t0 = timer()

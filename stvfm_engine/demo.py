@@ -64,7 +64,7 @@ def run_demo(max_steps: int = 400, workdir: Optional[str] = None, build: bool = 
                                engine.backend: lambda: engine.predict(x, tod, dow)}, schedule)
         eager_ms, engine_ms = statistics.median(ms["eager"]), statistics.median(ms[engine.backend])
         print(f"latency, batch 1, {torch.get_num_threads()} threads (medians, {schedule.kept_per_variant} calls each, "
-              "interleaved in blocks):")
+              f"interleaved in blocks, {schedule.cooldown_s:g} s pause before each):")
         print(f"  eager PyTorch          {eager_ms:8.3f} ms")
         print(f"  engine ({engine.backend}) {engine_ms:8.3f} ms   {eager_ms / engine_ms:.2f}x faster, "
               f"rel. error vs eager {err:.1e}")

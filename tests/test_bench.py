@@ -34,15 +34,19 @@ def _eager(model):
 
 def test_schedule_and_interleaving_order():
     order = []
-    sched = Schedule(warmup=1, rounds=3, block=4, drop=1)
-    out = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, sched)
+    sched = Schedule(warmup=1, rounds=3, block=4, drop=1, cooldown_s=0.25)
+    out = time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, sched,
+                           sleep=lambda s: order.append(s))
     assert {k: len(v) for k, v in out.items()} == {"a": 9, "b": 9} == {k: sched.kept_per_variant for k in out}
-    blocks = [order[i:i + 4] for i in range(2, len(order), 4)]  # after the warm-up calls
-    assert [b[0] for b in blocks] == ["a", "b", "b", "a", "a", "b"]  # blocks of 4, order rotates
-    assert all(len(set(b)) == 1 for b in blocks)
+    blocks = [order[i:i + 5] for i in range(2, len(order), 5)]  # after the warm-up calls
+    assert all(b[0] == 0.25 for b in blocks) and len(blocks) == 6  # a cool-down pause before every block
+    assert [b[1] for b in blocks] == ["a", "b", "b", "a", "a", "b"]  # blocks of 4, order rotates
+    assert all(len(set(b[1:])) == 1 for b in blocks)
     assert Schedule.for_iters(20).kept_per_variant >= 20
     with pytest.raises(ValueError):
         Schedule(block=2, drop=2)
+    with pytest.raises(ValueError):
+        Schedule(cooldown_s=-1)
 
 
 def test_summarize_percentiles_ordered():
