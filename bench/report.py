@@ -89,7 +89,7 @@ def format_table(report: dict) -> str:
     """Latency table (one row per backend and batch), then the stage breakdown if any."""
     lines = [f"device: {report['device']['name']} ({report['device']['cores']} cores), "
              f"threads {report.get('threads')}, {report.get('schedule', {}).get('kept_per_variant', '?')} timed calls "
-             "per row, interleaved in blocks"]
+             f"per row, interleaved in blocks with a {report.get('schedule', {}).get('cooldown_s', 0):g} s pause before each"]
     head = f"{'backend':<12} {'prec':<5} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'mean ms':>9} " \
            f"{'samples/s':>10} {'peak MB':>8} {'vs eager':>8}"
     lines += [head, "-" * len(head)]
@@ -97,6 +97,14 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['backend']:<12} {r['precision']:<5} {r['batch']:>5} {r['p50_ms']:>9.2f} {r['p90_ms']:>9.2f} "
                      f"{r['p99_ms']:>9.2f} {r['mean_ms']:>9.2f} {r['throughput']:>10.1f} "
                      f"{_fmt(r['peak_mem_mb'], '.0f'):>8} {_fmt(r['speedup_vs_eager'], '.2f'):>8}")
+    if check := report.get("alone_check"):
+        lines.append("")
+        lines += [f"timed alone in a fresh process (same schedule): {r['backend']}/{r['precision']} batch {r['batch']} "
+                  f"{r['alone_p50_ms']:.2f} ms; interleaved/alone {r['vs_alone']:.2f}"
+                  for r in report["results"] if r.get("vs_alone") is not None]
+        lines.append(f"harness check: interleaved p50 within {100 * check['tolerance']:.0f}% of alone for every row"
+                     if check["ok"] else f"harness check FAILED (> {100 * check['tolerance']:.0f}%): "
+                                         + "; ".join(check["outside"]) + " (a busy machine? check load_avg)")
     if report.get("stages"):
         lines += ["", f"{'runner':<8} {'batch':>5} {'stage':<16} {'ms':>9} {'share':>6}"]
         for s in report["stages"]:

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from stvfm_engine.bench import memory, report, roofline, stages
-from stvfm_engine.bench.timing import Schedule, summarize, time_interleaved
 from stvfm_engine.engine import Engine
 from stvfm_engine.engine.manifest import read_manifest
 from stvfm_engine.engine.precision import get_precision
@@ -21,8 +20,11 @@ from stvfm_engine.engine.reference import reference_model
 from stvfm_engine.engine.registry import BACKENDS, OpenRequest, get_backend, names
 from stvfm_engine.engine.resolve import normalize_device
 from stvfm_engine.engine.runtime import cuda_status
+from stvfm_engine.engine.timing import Schedule, summarize, time_interleaved, torch_threads
 from stvfm_engine.errors import STVFMError
 from stvfm_engine.model.config import STVFMConfig
+
+ALONE_TOLERANCE = 0.15  # interleaved vs alone: the harness check of issue 10 (aim 5%)
 
 Predict = Callable[[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], object]
 
@@ -59,18 +61,6 @@ def make_inputs(config: STVFMConfig, batch: int, seed: int = 0):
     start = rng.integers(0, 7 * c.steps_per_day, size=(batch, 1))
     steps = start + np.arange(c.history)
     return x, (steps % c.steps_per_day).astype(np.int64), ((c.start_dow + steps // c.steps_per_day) % 7).astype(np.int64)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: Optional[int]) -> Iterator[None]:
-    """Run the block with ``threads`` torch intra-op threads (restored afterwards)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def parse_list(text: str, kind: type = str) -> list:
@@ -158,6 +148,15 @@ def open_targets(targets: Sequence[str | os.PathLike], backends: Sequence[str], 
         yield variants, dirs[0][0]
 
 
+def alone_check(results: Sequence[dict], tolerance: float = ALONE_TOLERANCE) -> dict:
+    """The harness self-check: every row's interleaved p50 within ``tolerance`` of its p50 timed alone."""
+    rows = [r for r in results if r.get("vs_alone") is not None]
+    off = [f"{r['backend']}/{r['precision']} batch {r['batch']}: {r['vs_alone']:.2f}x"
+           for r in rows if abs(r["vs_alone"] - 1) > tolerance]
+    return {"tolerance": tolerance, "rows": len(rows), "outside": off, "ok": not off,
+            "method": "interleaved p50 / p50 of the same backend timed alone in a fresh process, same schedule"}
+
+
 def _check_same_config(dirs: Sequence[Path]) -> None:
     configs = {str(d): read_manifest(d)["config"] for d in dirs}
     if len({repr(sorted(c.items())) for c in configs.values()}) > 1:
@@ -169,11 +168,12 @@ def run_bench(variants: Sequence[Variant], config: STVFMConfig, batches: Sequenc
               schedule: Schedule = Schedule(), threads: Optional[int] = None, measure_memory: bool = True,
               stage_model: Optional[torch.nn.Module] = None, triton_stage: Optional[Callable] = None,
               stage_iters: int = 10, command: Optional[Sequence[str]] = None,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+              log: Callable[[str], None] = lambda s: None, alone: bool = False) -> dict:
     """Time every variant at every batch size, interleaved in blocks, and return the report dict.
 
     ``stage_model`` (the fp32 reference :class:`STVFM`) adds the eager stage breakdown;
-    ``triton_stage(batch) -> list[dict]`` adds the Triton one.
+    ``triton_stage(batch) -> list[dict]`` adds the Triton one. ``alone`` also times every engine variant
+    alone in a fresh process on the same schedule (``alone_p50_ms``, ``vs_alone``, ``alone_check``).
     """
     if not variants:
         raise BenchError("no backends to benchmark")
@@ -211,17 +211,24 @@ def run_bench(variants: Sequence[Variant], config: STVFMConfig, batches: Sequenc
             if triton_stage is not None:
                 log(f"stage breakdown (triton) at batch {batch}")
                 stage_rows += triton_stage(batch)
-    if measure_memory:
+    if measure_memory or alone:
         for v, r in zip([v for _ in batches for v in variants], results):
             if v.engine_dir is not None:
-                log(f"peak memory: {v.name} batch {r['batch']} (separate process)")
-                r["peak_mem_mb"] = memory.measure(v.engine_dir, v.backend, r["batch"], v.precision, threads,
-                                                  v.device)["peak_mem_mb"]
+                log(f"{'peak memory' if measure_memory else ''}{' and ' if measure_memory and alone else ''}"
+                    f"{'timing alone' if alone else ''}: {v.name} batch {r['batch']} (separate process)")
+                child = memory.measure(v.engine_dir, v.backend, r["batch"], v.precision, threads, v.device,
+                                       schedule=schedule if alone else None)
+                if measure_memory:
+                    r["peak_mem_mb"] = child["peak_mem_mb"]
+                if alone:
+                    r["alone_p50_ms"] = child["alone"]["p50_ms"]
+                    r["vs_alone"] = r["p50_ms"] / child["alone"]["p50_ms"]
     return {**head, "config": config.to_dict(), "threads": threads or torch.get_num_threads(),
-            "schedule": {"warmup": schedule.warmup, "rounds": schedule.rounds, "block": schedule.block,
-                         "drop": schedule.drop, "kept_per_variant": schedule.kept_per_variant,
-                         "method": "variants interleaved in blocks per batch size, first calls of each block "
-                                   "dropped, block order rotated each round; statistics over kept calls"},
+            "schedule": {**schedule.as_dict(),
+                         "method": "variants interleaved in blocks per batch size, a cool-down pause before each "
+                                   "block, first calls of each block dropped, block order rotated each round; "
+                                   "statistics over kept calls"},
             "memory_note": memory.NOTE if measure_memory else "peak memory not measured",
+            **({"alone_check": alone_check(results)} if alone else {}),
             "results": results, "stages": stage_rows, "roofline": roof,
             "stage_costs": {str(b): roofline.model_cost(config, b, "fp32", shape)["stages"] for b in batches}}

@@ -51,7 +51,7 @@ def run_demo(max_steps: int = 400, workdir: Optional[str] = None, build: bool = 
         from stvfm_engine.engine import Engine
         from stvfm_engine.export.build import build_engine
 
-        from stvfm_engine.bench.timing import Schedule, time_interleaved
+        from stvfm_engine.engine.timing import Schedule, time_interleaved
 
         engine_dir = build_engine(ckpt, work / "demo.engine", backends=backends)
         engine = Engine.load(engine_dir)

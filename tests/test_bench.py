@@ -13,7 +13,7 @@ from stvfm_engine.bench import roofline
 from stvfm_engine.bench.report import RESULT_KEYS, format_table
 from stvfm_engine.bench.runner import BenchError, Variant, make_inputs, parse_list, run_bench
 from stvfm_engine.bench.stages import STAGES, eager_stages, staged_forward
-from stvfm_engine.bench.timing import Schedule, summarize, time_interleaved
+from stvfm_engine.engine.timing import Schedule, summarize, time_interleaved
 from stvfm_engine.model.config import from_preset
 from stvfm_engine.model.stvfm import build_model
 
@@ -142,7 +142,7 @@ def test_bench_cli_on_a_tiny_engine(tiny_engine, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "stvfm_engine", "bench", str(engine), "--backends", "eager,onnxruntime",
            "--batch", "1,2", "--iters", "3", "--warmup", "1", "--threads", "1", "--stage-iters", "2",
-           "--json", str(out), "--quiet"]
+           "--cooldown", "0.05", "--alone", "--json", str(out), "--quiet"]
     try:
         import matplotlib  # noqa: F401
         cmd += ["--plot", str(tmp_path / "bench.png")]
@@ -156,8 +156,12 @@ def test_bench_cli_on_a_tiny_engine(tiny_engine, tmp_path):
     for r in report["results"]:
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["peak_mem_mb"] > 0
+        assert r["alone_p50_ms"] > 0 and r["vs_alone"] == pytest.approx(r["p50_ms"] / r["alone_p50_ms"])
+    assert report["schedule"]["cooldown_s"] == 0.05
+    check = report["alone_check"]  # its verdict depends on the machine's load: only its structure is tested
+    assert check["rows"] == 4 and check["ok"] == (not check["outside"])
     assert len(report["stages"]) == 2 * len(STAGES)
-    assert "p50 ms" in proc.stdout
+    assert "p50 ms" in proc.stdout and "harness check" in proc.stdout
 
 
 def test_bench_cli_one_line_errors(tmp_path):

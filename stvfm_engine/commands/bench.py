@@ -12,14 +12,16 @@ FORMATTER = argparse.RawDescriptionHelpFormatter
 DESCRIPTION = """\
 Time the backends of an engine (or of a checkpoint, built to a temporary engine first) at each batch
 size. Backends are timed interleaved in one process: each round runs every backend in a block of
-consecutive calls, the first calls of each block are dropped and the block order rotates (thread
-pools of ONNX Runtime and PyTorch keep spinning after a call and would slow whatever runs next).
-Peak memory is measured per (backend, batch) in a short separate process.
+consecutive calls after a cool-down pause (--cooldown), the first calls of each block are dropped and
+the block order rotates (thread pools of ONNX Runtime and PyTorch keep spinning after a call and
+would slow whatever runs next). Peak memory is measured per (backend, batch) in a short separate
+process; --alone also times each backend alone there, on the same schedule, as a check of the harness.
 
 Examples:
   stvfm-engine bench bike.engine --batch 1,16 --json bench.json --plot bench.png
   stvfm-engine bench bike.pt --backends eager,onnxruntime --precision fp32,int8 --batch 1,16
   stvfm-engine bench fp32.engine int8.engine --backends eager,onnxruntime --threads 2
+  stvfm-engine bench tiny.engine --backends eager,onnxruntime --batch 1 --alone   # harness check
 """
 
 
@@ -28,15 +30,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from stvfm_engine.bench.report import format_table, write_json
     from stvfm_engine.bench.runner import BenchError, open_targets, parse_list, run_bench
-    from stvfm_engine.bench.timing import Schedule
+    from stvfm_engine.engine.timing import Schedule
 
     backends = parse_list(args.backends)
     batches = parse_list(args.batch, int)
     precisions = parse_list(args.precision) if args.precision else [None]
     if min(batches) < 1:
         raise BenchError(f"batch sizes must be >= 1, got {batches}")
-    if args.iters < 1 or args.warmup < 0:
-        raise BenchError("--iters must be >= 1 and --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or not 0 <= args.cooldown <= 60:
+        raise BenchError("--iters must be >= 1, --warmup >= 0 and --cooldown in [0, 60] seconds")
     if args.plot:  # fail before the long run, not after it
         try:
             import matplotlib  # noqa: F401
@@ -59,9 +61,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
             tv = next(v for v in variants if v.backend == "triton")
             triton_stage = triton_stage_runner(reference, tv.precision, tv.device, max(batches), args.stage_iters)
-        result = run_bench(variants, config, batches, Schedule.for_iters(args.iters, args.warmup), threads,
+        result = run_bench(variants, config, batches, Schedule.for_iters(args.iters, args.warmup, args.cooldown), threads,
                            measure_memory=not args.no_memory, stage_model=stage_model, triton_stage=triton_stage,
-                           stage_iters=args.stage_iters, command=["stvfm-engine", "bench", *sys.argv[2:]]
+                           stage_iters=args.stage_iters, alone=args.alone, command=["stvfm-engine", "bench", *sys.argv[2:]]
                            if sys.argv[1:2] == ["bench"] else None, log=log)
     print(format_table(result))
     if args.json:
@@ -89,6 +91,11 @@ def register(sub) -> None:
     p.add_argument("--device", help="cpu or cuda (default: the artifact's)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per backend before timing (default 3)")
     p.add_argument("--iters", type=int, default=20, help="timed calls kept per backend and batch (default 20)")
+    p.add_argument("--cooldown", type=float, default=0.3, metavar="S",
+                   help="pause before every block of calls, so that the previous backend's threads go idle (default 0.3)")
+    p.add_argument("--alone", action="store_true",
+                   help="also time each backend alone in a fresh process on the same schedule and report "
+                        "interleaved/alone (the harness check: within 15%%)")
     p.add_argument("--threads", type=int, help="intra-op threads for every backend (default: torch's default)")
     p.add_argument("--stage-iters", type=int, default=10, help="profiled calls for the stage breakdown (default 10)")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")

@@ -1,4 +1,5 @@
-"""Block-interleaved latency measurement and its summary statistics.
+"""Block-interleaved latency measurement and its summary statistics (used by ``bench`` and by
+``build --precision auto``).
 
 On a small CPU the thread pools of ONNX Runtime and PyTorch keep spinning after a call and slow
 whatever runs next (measured: eager ``tiny`` 1.8x slower right after an ONNX Runtime block, for
@@ -9,11 +10,13 @@ variants rotates from round to round, and the statistics are taken over all kept
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class Schedule:
     @property
     def kept_per_variant(self) -> int:
         return self.rounds * (self.block - self.drop)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "kept_per_variant": self.kept_per_variant}
 
 
 def time_interleaved(variants: Mapping[str, Callable[[], object]], schedule: Schedule = Schedule(),
@@ -93,3 +99,15 @@ def summarize(latencies_ms: list[float], batch: int) -> dict[str, float]:
     p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
     return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(a.mean()),
             "throughput": batch * 1e3 / p50, "samples": int(a.size)}
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
