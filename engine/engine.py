@@ -55,11 +55,12 @@ class Engine:
              device: Optional[str] = None, threads: Optional[int] = None, verify: bool = True) -> "Engine":
         """Open the engine in ``directory``.
 
-        ``backend`` one of ``onnxruntime``, ``aoti``, ``tensorrt``, ``eager``, ``triton`` (None: the
+        ``backend`` a name of the registry (None: the manifest's default where it runs here, else the
         fastest this manifest and machine allow); ``precision`` must match a built artifact's (the
         ``eager``/``triton`` backends take any); ``device`` ``cpu``/``cuda[:N]`` (None: the artifact's);
-        ``threads`` sets ONNX Runtime's intra-op threads (the torch backends use the process's torch
-        thread pool, which loading never changes). ``verify`` checks the sha256 of every file the manifest lists.
+        ``threads`` sets the intra-op threads of the backends with a pool of their own (ONNX Runtime,
+        OpenVINO: the registry's ``threads``; the torch backends use the process's torch thread pool,
+        which loading never changes). ``verify`` checks the sha256 of every file the manifest lists.
         """
         directory = Path(directory)
         manifest = read_manifest(directory)

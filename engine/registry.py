@@ -42,6 +42,7 @@ class Backend:
     default_precision: tuple[tuple[str, str], ...] = ()  # (device type, precision) when none is asked for
     distributions: tuple[str, ...] = ()  # libraries whose versions the manifest records for it
     bench_only: bool = False  # a baseline for `bench`, not something Engine.load serves
+    auto: tuple[str, ...] = ()  # precisions `build --precision auto` tries on the CPU
     note: Optional[str] = None  # shown by `env`
 
     @property
@@ -104,6 +105,7 @@ class Artifact:
 
     path: Path
     details: dict[str, Any] = field(default_factory=dict)  # e.g. the quantisation done
+    runtime: dict[str, Any] = field(default_factory=dict)  # settings its runner applies on open (manifest "runtime")
 
 
 @dataclass
@@ -118,14 +120,18 @@ class BuildContext:
     max_batch: int
     onnx: Callable[[], Path]  # the fp32 model.onnx, exported and checked once per build (ORT and TensorRT use it)
     stage: Callable[[str, str], ContextManager[None]]  # stage(backend, what): a progress stage
+    calib_data: Optional[Path] = None  # build --calib-data PREFIX (calibration windows for static int8)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("onnxruntime", "stvfm_engine.engine.backends.onnxruntime", files=("model.onnx",),
             precisions=("fp32", "int8"), portable=True, threads=True,
-            distributions=("onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu")),
+            distributions=("onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"), auto=("fp32", "int8")),
+    Backend("openvino", "stvfm_engine.engine.backends.openvino", files=("model.xml", "model.bin"), devices=("cpu",),
+            precisions=("fp32", "bf16", "int8"), threads=True, distributions=("openvino", "nncf"),
+            auto=("fp32", "bf16", "int8")),
     Backend("aoti", "stvfm_engine.engine.backends.aoti", files=("model.pt2",), precisions=("fp32", "bf16", "fp16"),
-            thread_safe=False),  # one runner per package: calls are serialised (pytorch 148937)
+            thread_safe=False, auto=("bf16",)),  # one runner per package: calls are serialised (pytorch 148937)
     Backend("tensorrt", "stvfm_engine.engine.backends.tensorrt", files=("model.plan", "model.timing.cache"),
             devices=("cuda",), precisions=("fp32", "bf16", "fp16"), thread_safe=False, distributions=("tensorrt",),
             note="untested here: no machine of this project (CPU or lent GPU) has TensorRT; "
@@ -143,7 +149,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
 # beats AOTInductor which beats eager; on a GPU, TensorRT and AOTInductor lead. Backend resolution
 # (engine/resolve.py) takes the first built artifact this machine can run.
 PREFERENCE: tuple[tuple[str, str], ...] = (
-    ("tensorrt", "cuda"), ("aoti", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"), ("aoti", "cpu"))
+    ("tensorrt", "cuda"), ("aoti", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"), ("openvino", "cpu"), ("aoti", "cpu"))
 
 # The libraries every manifest records, besides each backend's own.
 BASE_DISTRIBUTIONS = ("torch", "timm", "numpy", "safetensors", "stvfm-engine")

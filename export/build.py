@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -37,13 +38,16 @@ from stvfm_engine.model.train import windows_for
 from stvfm_engine.version import __version__
 
 ONNX_NAME = BACKENDS["onnxruntime"].files[0]
+EXPORT_DIR = ".export"  # inside the temp build directory: the fp32 ONNX export the artifacts start from
 
 
 def _onnx_once(model: STVFM, directory: Path, max_batch: int, ui: BuildProgress) -> Callable[[], Path]:
-    """``model.onnx`` (fp32), exported and checked on the first call only."""
+    """``directory/model.onnx`` (fp32), exported and checked on the first call only; the backends that start
+    from it write their own artifacts from it and never modify it."""
     @functools.cache
     def onnx() -> Path:
         path = directory / ONNX_NAME
+        directory.mkdir(exist_ok=True)
         with ui.stage("onnx", "export + onnx.checker"):
             export_onnx(model, path, max_batch)
         return path
@@ -120,11 +124,14 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     ui = BuildProgress(enabled=progress)
     started = time.perf_counter()
     with ui, atomic_directory(target) as tmp:
-        ctx = BuildContext(model, tmp, target, prec, device, max_batch, _onnx_once(model, tmp, max_batch, ui), ui.stage)
+        export = tmp / EXPORT_DIR
+        ctx = BuildContext(model, tmp, target, prec, device, max_batch, _onnx_once(model, export, max_batch, ui),
+                           ui.stage, None if calib_data is None else Path(calib_data))
         with ui.stage("weights", f"{WEIGHTS_NAME} + checkpoint sha256"):
             _save_weights(model, tmp / WEIGHTS_NAME)
             ckpt_record = {"file": ckpt_path.name, **file_record(ckpt_path)}
         entries = {name: _build_one(name, ctx, ui, calib_data, max_mae_loss) for name in chosen}
+        shutil.rmtree(export, ignore_errors=True)
         manifest = {
             "format_version": FORMAT_VERSION,
             "stvfm_engine_version": __version__,
@@ -156,6 +163,8 @@ def _build_one(name: str, ctx: BuildContext, ui: BuildProgress, calib_data: Opti
     # a portable artifact (model.onnx) is checked on the CPU where its runtime has no provider for the device
     run_device = "cpu" if spec.portable and spec.why_not_run(ctx.device) else ctx.device
     entry = {"file": artifact.path.name, "precision": prec.name, "device": run_device}
+    if artifact.runtime:
+        entry["runtime"] = artifact.runtime
     with ctx.stage(name, f"parity gate on {run_device}"):
         runner = spec.impl().open(OpenRequest(ctx.directory, entry, model.config, prec, torch.device(run_device),
                                               None, reference=lambda: model, max_batch=ctx.max_batch))

@@ -57,7 +57,7 @@ def test_build_engine_int8(tmp_path):
     out = build_engine(ckpt, tmp_path / "int8.engine", precision="int8", max_batch=4, progress=False)
     engine = Engine.load(out, backend="onnxruntime")
     entry = engine.manifest["backends"]["onnxruntime"]
-    assert engine.precision == "int8" and list(engine.manifest["backends"]) == ["onnxruntime"]
+    assert engine.precision == "int8" and "aoti" not in engine.manifest["backends"]  # every int8 builder here
     assert entry["precision"] == "int8" and engine.manifest["precision"] == "int8"
     assert entry["reduced_precision"]["quantization"]["quantized_nodes"] == 4
     assert entry["reduced_precision"]["gate"]["gate"] == "relative_error"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -43,18 +44,23 @@ def why_not_build(device: torch.device, precision: Precision) -> Optional[str]:
 
 
 def build(ctx: BuildContext) -> Artifact:
-    path = ctx.onnx()
+    src = ctx.onnx()  # the build's fp32 export, shared with the other backends that start from it: never modified
+    path = ctx.directory / src.name
     if ctx.precision.name != "int8":
+        for f in (src, src.with_name(src.name + ".data")):  # the weights may sit beside it (external data)
+            if f.exists():
+                _link_or_copy(f, ctx.directory / f.name)
         return Artifact(path)
     with ctx.stage("onnxruntime", "dynamic int8 quantisation of the backbone matmuls"):
-        tmp = path.with_name(path.name + ".int8.tmp")
-        try:
-            info = quantize_int8(path, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        Path(f"{path}.data").unlink(missing_ok=True)  # the fp32 weights, if the export wrote them beside it
+        info = quantize_int8(src, path)
     return Artifact(path, {"quantization": info})
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        shutil.copy2(src, dst)
 
 
 def weight_matmuls(onnx_path: str | os.PathLike, scope: str = INT8_SCOPE) -> list[str]:

@@ -51,7 +51,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows = [("backend", "file", "precision", "device", "max rel err", "tolerance", "size", "build s", "runs here")]
     notes = []
     for name, e in manifest["backends"].items():
-        size = sum(f["bytes"] for k, f in files.items() if k == e["file"] or k.startswith(e["file"] + "."))
+        own = BACKENDS[name].files if name in BACKENDS else (e["file"],)
+        size = sum(f["bytes"] for k, f in files.items() if any(k == n or k.startswith(n + ".") for n in own))
         why = BACKENDS[name].why_not_run(e["device"]) if name in BACKENDS else f"unknown backend {name!r}"
         rows.append((name, e["file"], e["precision"], e["device"], f"{e['parity']['max_rel_err']:.2e}",
                      f"{e['parity']['tolerance']:g}", _human_bytes(size), f"{e['build_seconds']:.1f}",
