@@ -26,6 +26,7 @@ from stvfm_engine.engine.registry import BACKENDS, BuildContext, OpenRequest, na
 from stvfm_engine.engine.resolve import normalize_device
 from stvfm_engine.engine.runtime import cuda_status
 from stvfm_engine.export.atomic_dir import BuildError, atomic_directory
+from stvfm_engine.export.auto import build_auto, candidates
 from stvfm_engine.export.gates import check_max_mae_loss, mae_gate
 from stvfm_engine.export.onnx_export import export_onnx
 from stvfm_engine.export.parity import check_parity
@@ -38,6 +39,7 @@ from stvfm_engine.model.train import windows_for
 from stvfm_engine.version import __version__
 
 ONNX_NAME = BACKENDS["onnxruntime"].files[0]
+AUTO = "auto"  # build --precision auto
 EXPORT_DIR = ".export"  # inside the temp build directory: the fp32 ONNX export the artifacts start from
 
 
@@ -99,7 +101,7 @@ def _save_weights(model: STVFM, path: Path) -> None:
 def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                  backends: Optional[Sequence[str] | str] = None, precision: str = "fp32", device: str = "cpu",
                  max_batch: int = 64, progress: bool = True, calib_data: Optional[str | os.PathLike] = None,
-                 max_mae_loss: float = 0.01) -> Path:
+                 max_mae_loss: float = 0.01, threads: Optional[int] = None) -> Path:
     """Build the engine directory ``output_dir`` from ``checkpoint``; return its path.
 
     ``backends``: artifact backends of the registry (None: all this machine can build for ``device`` at
@@ -107,14 +109,27 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     tolerance, :mod:`stvfm_engine.engine.precision`) against the fp32 reference, or the build fails and
     ``output_dir`` is left as it was. ``progress`` shows rich progress on stderr. A reduced precision is
     also gated on the forecasting task when ``calib_data`` (a data PREFIX) is given: test MAE within
-    ``max_mae_loss`` of fp32's (:mod:`stvfm_engine.export.gates`).
+    ``max_mae_loss`` of fp32's (:mod:`stvfm_engine.export.gates`). ``precision="auto"`` builds every
+    candidate this CPU can build, times those that pass their gates with ``threads`` threads and keeps
+    the fastest of each backend, the fastest of all as the directory's default (:mod:`.auto`).
     """
-    prec = get_precision(precision)
+    auto = precision == AUTO
+    prec = get_precision("fp32" if auto else precision)
+    if auto and torch.device(normalize_device(device)).type != "cpu":
+        raise BuildError(f"--precision auto chooses among CPU artifacts, not --device {device} "
+                         "(name --backends and --precision for a GPU)")
     device = _normalize_device(device)
     if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
         raise BuildError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise BuildError(f"threads must be an integer >= 1, got {threads!r}")
     max_mae_loss = check_max_mae_loss(max_mae_loss)
-    chosen = resolve_backends(backends, device, prec)
+    if auto:
+        if isinstance(backends, str):
+            backends = [b.strip() for b in backends.split(",") if b.strip()]
+        pending = candidates(backends, device)
+    else:
+        chosen = resolve_backends(backends, device, prec)
     ckpt_path = Path(checkpoint)
     ckpt = read_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, source=str(ckpt_path))
@@ -130,7 +145,14 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
         with ui.stage("weights", f"{WEIGHTS_NAME} + checkpoint sha256"):
             _save_weights(model, tmp / WEIGHTS_NAME)
             ckpt_record = {"file": ckpt_path.name, **file_record(ckpt_path)}
-        entries = {name: _build_one(name, ctx, ui, calib_data, max_mae_loss) for name in chosen}
+        extra = {}
+        if auto:
+            build_one = functools.partial(_build_one, ui=ui, calib_data=calib_data, max_mae_loss=max_mae_loss)
+            entries, default, extra["auto"] = build_auto(ctx, pending, build_one, threads)
+            extra["default"] = default
+            prec, chosen = get_precision(default["precision"]), list(entries)
+        else:
+            entries = {name: _build_one(name, ctx, ui, calib_data, max_mae_loss) for name in chosen}
         shutil.rmtree(export, ignore_errors=True)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -146,6 +168,7 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
             "versions": library_versions(),
             "files": file_table(tmp),
             "backends": entries,
+            **extra,
             "build_seconds": round(time.perf_counter() - started, 3),
         }
         write_manifest(tmp, manifest)

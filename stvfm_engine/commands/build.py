@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from stvfm_engine.commands.common import positive_int
 from stvfm_engine.engine.precision import PRECISIONS
@@ -25,11 +26,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     out = build_engine(args.checkpoint, args.output, backends=args.backends, precision=args.precision,
                        device=args.device, max_batch=args.max_batch, progress=not args.quiet,
-                       calib_data=args.calib_data, max_mae_loss=args.max_mae_loss)
+                       calib_data=args.calib_data, max_mae_loss=args.max_mae_loss, threads=args.threads)
     manifest = read_manifest(out)
+    if "auto" in manifest and not args.quiet:
+        from stvfm_engine.export.auto import format_table
+
+        print(format_table(manifest["auto"]), file=sys.stderr)
     print(json.dumps({"engine": str(out), "backends": {b: {"precision": e["precision"], "device": e["device"],
                                                           "max_rel_err": e["parity"]["max_rel_err"]}
                                                       for b, e in manifest["backends"].items()},
+                      **{k: manifest[k] for k in ("default", "auto") if k in manifest},
                       "build_seconds": manifest["build_seconds"]}))
     return 0
 
@@ -72,6 +78,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
     for n in notes:
         print(n)
+    if default := manifest.get("default"):
+        print(f"default: {default['backend']} {default['precision']} (Engine.load(DIR) with no backend opens it)")
+    if "auto" in manifest:
+        from stvfm_engine.export.auto import format_table
+
+        print(format_table(manifest["auto"]))
     if args.verify:
         print(f"all {len(files)} files match their sha256 in the manifest")
     return 0
@@ -119,19 +131,26 @@ def cmd_env(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "build", formatter_class=FORMATTER,
-        help="build a parity-gated engine directory (ONNX / AOTInductor / TensorRT) from a checkpoint",
+        help="build a parity-gated engine directory (ONNX Runtime / OpenVINO / AOTInductor / TensorRT) from a checkpoint",
         description="Build DIR from CKPT: manifest.json, weights.safetensors and one artifact per backend\n"
-                    "(model.onnx, model.pt2, model.plan). Every artifact must match the fp32 reference on\n"
-                    "fresh random inputs (relative error <= 1e-4 fp32, <= 2e-2 bf16/fp16) or the build fails;\n"
-                    "DIR is replaced atomically, and a failed build leaves it as it was.\n\n"
+                    "(model.onnx, model.xml, model.pt2, model.plan). Every artifact must match the fp32 reference\n"
+                    "on fresh random inputs (relative error <= 1e-4 fp32, <= 2e-2 bf16/fp16, <= 5e-2 int8) or the\n"
+                    "build fails; with --calib-data a reduced precision must also keep the test MAE within\n"
+                    "--max-mae-loss of fp32's. DIR is replaced atomically, and a failed build leaves it as it was.\n\n"
                     "  stvfm-engine build tiny.pt -o tiny.engine\n"
                     "  stvfm-engine build bike.pt -o bike.engine --backends onnxruntime --max-batch 16\n"
-                    "  stvfm-engine build city.pt -o city.engine --device cuda --precision bf16")
+                    "  stvfm-engine build city.pt -o city.engine --device cuda --precision bf16\n"
+                    "  stvfm-engine build bike.pt -o bike.engine --precision auto --calib-data ../shared/data/nyc/NYBike_flow")
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by 'stvfm-engine init' or 'train'")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to (re)place")
     p.add_argument("--backends", metavar="LIST",
                    help=f"comma-separated subset of {','.join(names(artifact=True))} (default: all this machine can build)")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="compute precision (default fp32)")
+    p.add_argument("--precision", default="fp32", choices=[*sorted(PRECISIONS), "auto"],
+                   help="compute precision (default fp32); auto: build every CPU candidate this machine can "
+                        "(fp32, bf16, int8 per backend), keep those that pass their gates, time them interleaved "
+                        "and keep the fastest of each backend, the fastest of all as the default")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="--precision auto: threads the candidates are timed with (default: torch's)")
     p.add_argument("--calib-data", metavar="PREFIX",
                    help="reduced precisions: gate on the test MAE of PREFIX_{train,val,test}.npz "
                         "(refused beyond --max-mae-loss vs fp32)")
