@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -124,7 +124,7 @@ def quantize_int8(model, onnx_path: Path, samples: list[dict]) -> tuple[Any, dic
     if not kept:
         raise ExportError(f"{onnx_path.name}: no weight matmuls found in scope {INT8_SCOPE!r} to quantise")
     nncf.set_log_level(logging.ERROR)
-    with contextlib.redirect_stdout(sys.stderr):  # NNCF draws progress bars on stdout
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # hide NNCF progress bars
         try:
             q = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
                               model_type=nncf.ModelType.TRANSFORMER,
