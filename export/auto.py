@@ -110,7 +110,7 @@ def _time(ctx: BuildContext, built: list[tuple[Candidate, Path]], threads: Optio
     with ctx.stage("auto", f"timing {len(built)} candidates at batch {AUTO_BATCH}, interleaved"), torch_threads(threads):
         runners = {c.name: BACKENDS[c.backend].impl().open(OpenRequest(
             sub, c.entry, model.config, get_precision(c.precision), torch.device("cpu"), threads,
-            reference=lambda: model)) for c, sub in built}
+            reference=lambda: model, max_batch=ctx.max_batch)) for c, sub in built}
         samples = time_interleaved({n: (lambda r=r: r(*inputs)) for n, r in runners.items()}, AUTO_SCHEDULE)
         del runners
     for c, _ in built:
