@@ -10,8 +10,8 @@ the rest of the graph stays fp32.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import os
 import queue
 from pathlib import Path
 from typing import Any, Optional
@@ -124,7 +124,7 @@ def quantize_int8(model, onnx_path: Path, samples: list[dict]) -> tuple[Any, dic
     if not kept:
         raise ExportError(f"{onnx_path.name}: no weight matmuls found in scope {INT8_SCOPE!r} to quantise")
     nncf.set_log_level(logging.ERROR)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # hide NNCF progress bars
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars: the build shows its own stage
         try:
             q = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
                               model_type=nncf.ModelType.TRANSFORMER,
