@@ -56,8 +56,8 @@ def why_not_build(device: torch.device, precision: Precision) -> Optional[str]:
         return f"{why} ({INSTALL})"
     need = CAPABILITY.get(precision.name)
     if need and need not in (caps := cpu_capabilities()):
-        return (f"OpenVINO's CPU plugin has no {need} support on this CPU (it reports {', '.join(caps)}; "
-                "bf16 needs avx512_bf16 or AMX)")
+        return (f"OpenVINO's CPU plugin has no {need} support on this CPU (it reports {', '.join(caps)}"
+                + ("; bf16 needs avx512_bf16 or AMX)" if precision.name == "bf16" else ")"))
     return None
 
 
