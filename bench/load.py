@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from stvfm_engine.bench.report import _fmt
-from stvfm_engine.bench.timing import Schedule, summarize, time_interleaved
+from stvfm_engine.engine.timing import Schedule, summarize, time_interleaved
 from stvfm_engine.errors import STVFMError, first_line
 
 _COUNTER = re.compile(r'^(nv_inference_count|nv_inference_exec_count)\{([^}]*)\}\s+([0-9.eE+-]+)')
@@ -223,10 +223,9 @@ def run_load(url: str, model: str, concurrency: Sequence[int] = (1, 4, 16), dura
 
 def offline_timer(predict: Callable, arrays_for: Callable[[int], tuple], iters: int = 20,
                   warmup: int = 3) -> Callable[[int], dict]:
-    """``timer(batch)``: ``predict`` (``Engine.predict``) timed in this process at ``batch`` (see bench.timing),
-    after a pause that lets the server's thread pools go idle."""
+    """``timer(batch)``: ``predict`` (``Engine.predict``) timed in this process at ``batch`` (engine.timing's
+    schedule, whose cool-down pauses also let the server's thread pools go idle)."""
     def timer(batch: int) -> dict:
-        time.sleep(0.3)
         args = arrays_for(batch)
         samples = time_interleaved({batch: lambda: predict(*args)}, Schedule.for_iters(iters, warmup))
         return summarize(samples[batch], batch)
