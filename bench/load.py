@@ -1,8 +1,5 @@
-"""Load test of a running inference server with ``tritonclient`` (Open Inference Protocol over HTTP or
-gRPC, loopback only): ``concurrency`` clients send requests back to back for a bounded time and count;
-the report has latency percentiles, throughput, errors and the server-side mean batch (from the
-Prometheus counters ``nv_inference_count`` / ``nv_inference_exec_count``), and optionally the offline
-``Engine.predict`` throughput at that batch for comparison."""
+"""Load test of a running inference server (``bench --url``) with ``tritonclient`` over HTTP or gRPC, to
+this machine only: latency percentiles, throughput, errors and the server's mean batch per concurrency."""
 from __future__ import annotations
 
 import ipaddress

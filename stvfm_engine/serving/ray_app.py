@@ -1,11 +1,5 @@
-"""``stvfm-engine serve --ray``: the same models as a Ray Serve application, for a cluster.
-
-One deployment per model (``--replicas`` each) batches with ``@serve.batch`` after validating every
-request on its own; an ingress deployment speaks the Open Inference Protocol's HTTP endpoints (JSON
-and the binary tensor extension), so ``tritonclient.http`` and :class:`stvfm_engine.client.Client`
-work against it as against Triton. ``GET /metrics`` reports ``nv_inference_count`` /
-``nv_inference_exec_count`` per model, counted by the replicas, as Triton names them.
-"""
+"""``stvfm-engine serve --ray``: the same models as a Ray Serve application (one ``@serve.batch`` deployment
+per model behind an ingress speaking the Open Inference Protocol's HTTP endpoints, as Triton does)."""
 from __future__ import annotations
 
 import asyncio

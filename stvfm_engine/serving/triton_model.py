@@ -1,10 +1,6 @@
-"""Triton Python-backend model that runs an stvfm-engine ``Engine``: copied as ``model.py`` into every
-model of a repository that ``serve`` or ``export-triton --platform python`` writes.
-
-Triton checks each request's dtypes, shapes and batch size against config.pbtxt before it joins a
-batch; ``execute`` then validates each request's values on its own (finite ``x``, ``tod``/``dow`` in
-range) and answers a bad one with an INVALID_ARG error while the others of the batch get their forecasts.
-"""
+"""Triton Python-backend model running an stvfm-engine ``Engine``: the ``model.py`` of every model that
+``serve`` or ``export-triton --platform python`` writes. One response per request: a bad one gets an
+INVALID_ARG error, the others of its batch their forecasts (Triton has checked dtypes and shapes)."""
 import json
 
 import triton_python_backend_utils as pb_utils
@@ -22,9 +18,10 @@ class TritonPythonModel:
         self.inputs = [t["name"] for t in config["input"]]
 
     def execute(self, requests):
+        # (x, tod, dow) per request; a model without time inputs has x only
         arrays = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
         responses = []
-        for result in self.runner.run([(a + [None, None])[:3] for a in arrays]):
+        for result in self.runner.run([tuple(a) + (None,) * (3 - len(a)) for a in arrays]):
             if isinstance(result, InputError):
                 error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))

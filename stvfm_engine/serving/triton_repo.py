@@ -1,10 +1,5 @@
-"""Triton model repositories: ``REPO/<name>/config.pbtxt`` + ``REPO/<name>/1/<artifact>``, written with
-Triton's own model-config protobuf (shipped in ``tritonclient``) and parsed back before they are kept.
-
-``serve`` writes a temporary one whose Python-backend models point at the engine directories;
-``export-triton`` writes a self-contained one (the ONNX file, the TensorRT plan, or the Python-backend
-model with a copy of the engine directory) for a full Triton server elsewhere.
-"""
+"""Triton model repositories (``REPO/<name>/config.pbtxt`` + ``1/<artifact>``) written with Triton's own
+model-config protobuf: a temporary one for ``serve``, a self-contained one for ``export-triton``."""
 from __future__ import annotations
 
 import os
@@ -101,6 +96,9 @@ def export_repository(directory: str | os.PathLike, repo: str | os.PathLike, pla
     """
     if platform not in platforms():
         raise ServeError(f"unknown platform {platform!r}; expected one of {list(platforms())}")
+    if backend and platform != PYTHON:
+        raise ServeError(f"--backend picks the engine backend of --platform python; --platform {platform} "
+                         "runs the artifact in Triton's own backend")
     engine = Engine.load(directory)  # checks every file the manifest lists before anything is copied
     models = models_of(engine, name)
     files: list[str] = []

@@ -1,14 +1,8 @@
 """``stvfm-engine serve``: the Triton Inference Server binary bundled with nvidia-pytriton, run as a child
-process on a temporary model repository of Python-backend models (one per served model).
-
-Why not PyTriton's ``Triton().bind(infer_func)``: its inference callable answers a whole batch or fails
-it whole (an exception becomes one error, with a traceback, for every request batched with it), while a
-Python-backend model returns one response per request, so a bad request gets its own one-line error
-and the others batched with it their forecasts. The bundled server, its Python backend and the stub for
-this interpreter come from the nvidia-pytriton wheel; nothing else of PyTriton runs.
-"""
+process on a temporary repository of Python-backend models (README "Serving" says why not PyTriton's API)."""
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import os
@@ -119,7 +113,7 @@ class TritonProcess:
                 "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
                 f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}", f"--log-info={str(o.verbose).lower()}"]
         self.verbose = o.verbose
-        self.errors: list[str] = []
+        self.errors: collections.deque[str] = collections.deque(maxlen=20)  # the last error lines, for died()
         self.proc = subprocess.Popen(args, env=server_env(found.libs), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=_die_with_parent)
