@@ -29,7 +29,7 @@ pytest.importorskip("pytriton", reason="the serve extra is not installed: pip in
 
 from bench.load import check_loopback, read_counters, run_load  # noqa: E402
 from stvfm_engine.client import Client  # noqa: E402
-from stvfm_engine.serving.models import BatchRunner  # noqa: E402
+from stvfm_engine.serving.models import BatchRunner, models_of  # noqa: E402
 from stvfm_engine.serving.triton_repo import export_repository, read_config  # noqa: E402
 
 ODD = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, channels=3, height=13, width=7, patch=2,
@@ -203,6 +203,30 @@ def test_batch_runner_answers_each_request_of_a_mixed_batch(direct):
     for i, request in ((0, good[0]), (2, good[1]), (3, good[2]), (5, good[3])):
         assert rel_err(results[i], engine.predict(*request)) <= 1e-6
     assert (runner.inferences, runner.executions) == (10, 2)
+
+
+def test_multi_model_directory_serves_each_model_by_its_name(direct):
+    """A multi-model engine (``.models`` and ``predict(..., model=NAME)``) becomes one served model per
+    model; here that API is put over a real engine."""
+    engine, make = direct["odd"]
+    called = []
+
+    class TwoModels:
+        directory, backend, precision, threads = engine.directory, engine.backend, engine.precision, engine.threads
+        config, max_batch, models = engine.config, engine.max_batch, {"north": ODD, "south": ODD}
+
+        def predict(self, x, tod=None, dow=None, model=None):
+            called.append(model)
+            return engine.predict(x, tod, dow)
+
+    served = models_of(TwoModels())
+    assert [(m.name, m.key) for m in served] == [("north", "north"), ("south", "south")]
+    assert served[1].load_parameters()["model_key"] == "south"
+    x, tod, dow = make(2, np.random.default_rng(4))
+    (y,) = BatchRunner(TwoModels(), "south").run([(x, tod, dow)])
+    assert called == ["south"] and rel_err(y, engine.predict(x, tod, dow)) <= 1e-6
+    with pytest.raises(ServeError, match="drop --name"):
+        models_of(TwoModels(), "renamed")
 
 
 def test_bench_url_load_test(server, engines, tmp_path):
