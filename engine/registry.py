@@ -43,6 +43,7 @@ class Backend:
     distributions: tuple[str, ...] = ()  # libraries whose versions the manifest records for it
     bench_only: bool = False  # a baseline for `bench`, not something Engine.load serves
     auto: tuple[str, ...] = ()  # precisions `build --precision auto` tries on the CPU
+    triton_platform: Optional[str] = None  # Triton Inference Server's platform for the artifact (export-triton)
     note: Optional[str] = None  # shown by `env`
 
     @property
@@ -126,7 +127,8 @@ class BuildContext:
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("onnxruntime", "stvfm_engine.engine.backends.onnxruntime", files=("model.onnx",),
             precisions=("fp32", "int8"), portable=True, threads=True,
-            distributions=("onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"), auto=("fp32", "int8")),
+            distributions=("onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"), auto=("fp32", "int8"),
+            triton_platform="onnxruntime_onnx"),
     Backend("openvino", "stvfm_engine.engine.backends.openvino", files=("model.xml", "model.bin"), devices=("cpu",),
             precisions=("fp32", "bf16", "int8"), threads=True, distributions=("openvino", "nncf"),
             auto=("fp32", "bf16", "int8")),
@@ -134,6 +136,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             thread_safe=False, auto=("bf16",)),  # one runner per package: calls are serialised (pytorch 148937)
     Backend("tensorrt", "stvfm_engine.engine.backends.tensorrt", files=("model.plan", "model.timing.cache"),
             devices=("cuda",), precisions=("fp32", "bf16", "fp16"), thread_safe=False, distributions=("tensorrt",),
+            triton_platform="tensorrt_plan",
             note="untested here: no machine of this project (CPU or lent GPU) has TensorRT; "
                  "the code path follows the TensorRT 10 and 11 APIs but has never run"),
     Backend("eager", "stvfm_engine.engine.backends.eager", precisions=("fp32", "bf16", "fp16")),

@@ -44,22 +44,23 @@ def _stale_siblings(target: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def clean_stale(target: Path) -> None:
-    """Delete temp siblings of dead builds; restore an old DIR stranded between the two renames."""
+def clean_stale(target: Path, marker: str = MANIFEST_NAME) -> None:
+    """Delete temp siblings of dead builds; restore an old DIR (holding ``marker``) stranded between the
+    two renames."""
     for kind, p in _stale_siblings(target):
-        if kind == "old" and not target.exists() and (p / MANIFEST_NAME).is_file():
+        if kind == "old" and not target.exists() and (p / marker).is_file():
             os.rename(p, target)
         else:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def check_replaceable(target: Path) -> None:
-    """Refuse to replace anything but an engine directory or an empty directory."""
+def check_replaceable(target: Path, marker: str = MANIFEST_NAME, kind: str = "an engine directory") -> None:
+    """Refuse to replace anything but ``kind`` (a directory holding ``marker``) or an empty directory."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise BuildError(f"output {str(target)!r} exists and is not a directory; refusing to replace it")
-    if target.is_dir() and not (target / MANIFEST_NAME).is_file() and any(target.iterdir()):
-        raise BuildError(f"output {str(target)!r} is a non-empty directory without {MANIFEST_NAME} "
-                         "(not an engine directory); refusing to replace it")
+    if target.is_dir() and not (target / marker).is_file() and any(target.iterdir()):
+        raise BuildError(f"output {str(target)!r} is a non-empty directory without {marker} "
+                         f"(not {kind}); refusing to replace it")
 
 
 def _publish_permissions(directory: Path) -> None:
@@ -72,12 +73,14 @@ def _publish_permissions(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty hidden sibling of ``target``; on success it replaces ``target``, else it is removed."""
+def atomic_directory(target: str | os.PathLike, marker: str = MANIFEST_NAME,
+                     kind: str = "an engine directory") -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``target``; on success it replaces ``target``, else it is removed.
+    An existing ``target`` is replaced only if it is ``kind``, a directory holding ``marker`` (or empty)."""
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    check_replaceable(target)
-    clean_stale(target)
+    check_replaceable(target, marker, kind)
+    clean_stale(target, marker)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "stvfm_engine.commands.build",  # build, inspect, env
     "stvfm_engine.commands.run",  # run
     "stvfm_engine.commands.bench",  # bench
+    "stvfm_engine.commands.serve",  # serve, export-triton
 )
 
 DESCRIPTION = """\

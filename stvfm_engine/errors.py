@@ -21,6 +21,10 @@ class InputError(STVFMError, ValueError):
     """Inference inputs that do not match what the model expects."""
 
 
+class ServeError(STVFMError):
+    """A server that cannot start or a request it cannot honour (bad model names, ports, answers)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of ``exc``'s message, or its type name: for one-line error text."""
     text = str(exc).strip()

@@ -56,3 +56,99 @@ def write_checkpoint(path, config: STVFMConfig, seed: int = 0, mean=None, std=No
 def why_not_run(backend: str, device: str) -> Optional[str]:
     """The registry's answer: None when ``backend`` runs on ``device`` here, else why not."""
     return get_backend(backend).why_not_run(device)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (bound to port 0 together, then released)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class ServerProcess:
+    """``stvfm-engine ARGS`` (a server command) in a subprocess, its stderr kept in a file; every process
+    it starts is found through /proc by parent pid, so a test can check by pid that none is left."""
+
+    def __init__(self, args: list[str]):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "stvfm_engine", *args], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        self.family: list[int] = []
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while "serve: ready" not in self.stderr():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server not ready (exit code {self.proc.poll()}):\n{self.stderr()[-3000:]}")
+            time.sleep(0.25)
+        self.family = self.descendants()
+
+    def descendants(self) -> list[int]:
+        """This process and all its live descendants."""
+        import os
+
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo += children.get(pid, [])
+        return out
+
+    @staticmethod
+    def alive(pids: list[int]) -> list[int]:
+        """Those of ``pids`` that still run (zombies awaiting their parent's wait count as gone)."""
+        out = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        out.append(pid)
+            except OSError:
+                pass
+        return out
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, wait; whatever of the family is still there afterwards is killed (by pid)."""
+        import os
+        import signal
+        import subprocess
+
+        family = self.family or self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.leftovers = self.alive(family)
+        for pid in self.leftovers:
+            os.kill(pid, signal.SIGKILL)
+        return code

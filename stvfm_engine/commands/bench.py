@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stvfm_engine.commands.common import non_negative_float, positive_int
 from stvfm_engine.engine.registry import names
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -22,6 +23,15 @@ Examples:
   stvfm-engine bench bike.pt --backends eager,onnxruntime --precision fp32,int8 --batch 1,16
   stvfm-engine bench fp32.engine int8.engine --backends eager,onnxruntime --threads 2
   stvfm-engine bench tiny.engine --backends eager,onnxruntime --batch 1 --alone   # harness check
+
+With --url, load-test a running server instead (stvfm-engine serve, Triton or Ray Serve): N clients
+(--concurrency) send requests of --batch samples back to back for --duration seconds per level, over
+HTTP or gRPC with tritonclient, to this machine only; the report has p50/p90/p99, throughput, errors
+and the server's mean batch (from its Prometheus counters: --metrics-url, e.g. Triton's
+http://127.0.0.1:8002/metrics; a Ray Serve app answers URL/metrics). Given an engine DIR too, the same
+model is timed offline with Engine.predict at the server's mean batch for comparison.
+  stvfm-engine bench bike.engine --url http://127.0.0.1:8000 --model bike.engine --concurrency 1,4,16 \
+      --metrics-url http://127.0.0.1:8002/metrics --json load.json
 """
 
 
@@ -32,8 +42,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stvfm_engine.bench.runner import BenchError, open_targets, parse_list, run_bench
     from stvfm_engine.engine.timing import Schedule
 
+    if args.url:
+        return _bench_url(args)
+    if not args.target:
+        raise BenchError("bench needs an engine DIR or checkpoint (or --url URL to load-test a server)")
     backends = parse_list(args.backends)
-    batches = parse_list(args.batch, int)
+    batches = parse_list(args.batch or "1,8", int)
     precisions = parse_list(args.precision) if args.precision else [None]
     if min(batches) < 1:
         raise BenchError(f"batch sizes must be >= 1, got {batches}")
@@ -77,15 +91,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_url(args: argparse.Namespace) -> int:
+    """``bench --url``: the load test of a running server (bench.load), optionally against ``Engine.predict``."""
+    from stvfm_engine.bench.load import LoadError, format_load_table, offline_timer, run_load
+    from stvfm_engine.bench.report import header, write_json
+    from stvfm_engine.bench.runner import make_inputs, parse_list
+    from stvfm_engine.engine import Engine
+
+    batch = parse_list(args.batch or "1", int)
+    if not args.model:
+        raise LoadError("--url needs --model NAME (the served model's name)")
+    if len(batch) != 1 or len(args.target) > 1:
+        raise LoadError("--url takes one --batch size (samples per request) and at most one engine DIR to compare with")
+    log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr))
+    engine = Engine.load(args.target[0], threads=args.threads) if args.target else None
+    arrays = offline = None
+    if engine is not None:  # requests like bench's own inputs, and Engine.predict timed after each level
+        arrays = {k: v for k, v in zip(("x", "tod", "dow"), make_inputs(engine.config, batch[0])) if v is not None}
+        offline = offline_timer(engine.predict, lambda b: make_inputs(engine.config, b), args.iters, args.warmup)
+    command = ["stvfm-engine", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None
+    report = {**header("cpu", command), **run_load(args.url, args.model, parse_list(args.concurrency, int),
+                                                   args.duration, batch[0], args.metrics_url, arrays,
+                                                   args.requests, offline=offline, log=log)}
+    if engine is not None:
+        report["offline_engine"] = {"directory": str(engine.directory), "backend": engine.backend,
+                                    "precision": engine.precision, "threads": engine.threads}
+    print(format_load_table(report))
+    if args.json:
+        write_json(report, args.json)
+        log(f"JSON written to {args.json}")
+    return 0
+
+
 def register(sub) -> None:
     """Add this package's sub-commands to the ``stvfm-engine`` parser."""
     p = sub.add_parser("bench", formatter_class=FORMATTER, description=DESCRIPTION,
                        help="latency/throughput of an engine's backends (interleaved), stage breakdown, roofline")
-    p.add_argument("target", nargs="+", metavar="DIR|CKPT",
+    p.add_argument("target", nargs="*", metavar="DIR|CKPT",
                    help="engine directory or checkpoint (several engines of one model are compared side by side)")
     p.add_argument("--backends", default="eager,onnxruntime",
                    help=f"comma list of {', '.join(names(bench=True))} (default eager,onnxruntime)")
-    p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
+    p.add_argument("--batch", help="comma list of batch sizes (default 1,8; with --url one size, default 1)")
     p.add_argument("--precision", help="comma list of artifact precisions (fp32, int8, bf16); for a checkpoint, "
                                        "one temporary engine is built per precision (default: as built / fp32)")
     p.add_argument("--device", help="cpu or cuda (default: the artifact's)")
@@ -103,4 +149,13 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="latency vs batch and the stage breakdown (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    load = p.add_argument_group("load test of a running server (extra [serve])")
+    load.add_argument("--url", help="server to load-test: http://HOST:PORT or grpc://HOST:PORT (this machine only)")
+    load.add_argument("--model", help="served model name (with --url)")
+    load.add_argument("--concurrency", default="1,4,16", help="comma list of concurrent clients (default 1,4,16)")
+    load.add_argument("--duration", type=non_negative_float, default=10.0, metavar="S",
+                      help="seconds per concurrency level (default 10)")
+    load.add_argument("--requests", type=positive_int, default=100_000,
+                      help="at most this many requests per level (default 100000)")
+    load.add_argument("--metrics-url", help="the server's Prometheus metrics (default: URL/metrics if it answers)")
     p.set_defaults(func=cmd_bench)

@@ -1,0 +1,114 @@
+"""CLI sub-commands ``serve`` (Triton Inference Server, or Ray Serve with ``--ray``) and ``export-triton``."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from stvfm_engine.commands.common import non_negative_float, port, positive_int
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+
+SERVE_DESCRIPTION = """\
+Serve engine directories over the Open Inference Protocol (KServe v2): HTTP and gRPC through the
+Triton Inference Server bundled with nvidia-pytriton, or HTTP through Ray Serve with --ray. Each
+directory is one model named after the directory (or --name); a multi-model directory serves each
+of its models by its name. Inputs x float32 [B, T, C, H, W], tod/dow int64 [B, T]; output y.
+Requests are batched by the server up to the engine's max batch; each is validated on its own, so a
+bad one gets an error naming what was expected while the others batched with it are answered.
+Readiness and progress go to stderr; SIGTERM/SIGINT drains in-flight requests and exits 0.
+
+Examples:
+  stvfm-engine serve bike.engine                        # HTTP :8000, gRPC :8001, metrics :8002
+  stvfm-engine serve bike.engine taxi.engine --max-queue-delay-ms 5
+  stvfm-engine serve bike.engine --ray --replicas 2     # Ray Serve on a local Ray instance
+  curl -s localhost:8000/v2/models/bike.engine          # model metadata
+"""
+
+EXPORT_DESCRIPTION = """\
+Write a Triton model repository for a full Triton Inference Server: REPO/<name>/config.pbtxt and
+REPO/<name>/1/model.onnx (onnxruntime_onnx), model.plan (tensorrt_plan), or model.py (Python
+backend running stvfm_engine.Engine on a copy of the engine directory; needs stvfm-engine installed
+where Triton runs). max_batch_size is the engine's max batch, with dynamic batching. Each config is
+written with Triton's model-config protobuf and parsed back before it is kept.
+
+Examples:
+  stvfm-engine export-triton bike.engine -o model_repository
+  stvfm-engine export-triton bike.engine -o model_repository --platform python --name bike
+"""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stvfm_engine.serving.models import served_models
+
+    models = served_models(args.engines, args.name, backend=args.backend, threads=args.threads)
+    if args.ray:
+        from stvfm_engine.serving.ray_app import RayOptions, serve_ray
+
+        return serve_ray(models, RayOptions(host=args.host, http_port=args.http_port, address=args.ray_address,
+                                            replicas=args.replicas, ready_timeout_s=args.ready_timeout,
+                                            **_delay(args)))
+    from stvfm_engine.serving.triton_server import TritonOptions, serve_triton
+
+    return serve_triton(models, TritonOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                                              metrics_port=args.metrics_port, instances=args.instances,
+                                              ready_timeout_s=args.ready_timeout, verbose=args.verbose,
+                                              **_delay(args)))
+
+
+def _delay(args: argparse.Namespace) -> dict:
+    return {} if args.max_queue_delay_ms is None else {"max_queue_delay_ms": args.max_queue_delay_ms}
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from stvfm_engine.serving.triton_repo import export_repository
+
+    paths = export_repository(args.engine, args.output, platform=args.platform, name=args.name, backend=args.backend,
+                              max_queue_delay_us=int(args.max_queue_delay_ms * 1000), instances=args.instances)
+    print(json.dumps({"repository": args.output, "platform": args.platform,
+                      "models": [p.name for p in paths]}))
+    return 0
+
+
+def register(sub) -> None:
+    from stvfm_engine.engine.registry import names
+
+    p = sub.add_parser("serve", formatter_class=FORMATTER, description=SERVE_DESCRIPTION,
+                       help="serve engines over HTTP/gRPC (Triton Inference Server, or Ray Serve with --ray)")
+    p.add_argument("engines", nargs="+", metavar="DIR", help="engine directories written by 'stvfm-engine build'")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="model name of each DIR, in order (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--http-port", type=port, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=port, default=8001, help="gRPC port, Triton only (default 8001)")
+    p.add_argument("--metrics-port", type=port, default=8002,
+                   help="Prometheus metrics port, Triton only (default 8002; Ray serves /metrics on the HTTP port)")
+    p.add_argument("--max-queue-delay-ms", type=non_negative_float, metavar="MS",
+                   help="how long a request may wait for others to batch with (default 2 on Triton, 20 on Ray)")
+    p.add_argument("--backend", choices=names(bench=False), help="engine backend (default: the fastest available)")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads per model instance")
+    p.add_argument("--instances", type=positive_int, default=1, help="Triton model instances per model (default 1)")
+    p.add_argument("--ready-timeout", type=non_negative_float, default=300.0, metavar="S",
+                   help="give up if the server is not ready after S seconds (default 300)")
+    p.add_argument("--verbose", action="store_true", help="show Triton's info log too")
+    ray = p.add_argument_group("Ray Serve (extra [ray])")
+    ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of Triton")
+    ray.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start a local instance)")
+    ray.add_argument("--replicas", type=positive_int, default=1, help="replicas per model (default 1)")
+    p.set_defaults(func=cmd_serve)
+
+    from stvfm_engine.serving.triton_repo import platforms
+
+    e = sub.add_parser("export-triton", formatter_class=FORMATTER, description=EXPORT_DESCRIPTION,
+                       help="write a Triton model repository (ONNX Runtime, TensorRT or Python backend)")
+    e.add_argument("engine", metavar="DIR", help="engine directory written by 'stvfm-engine build'")
+    e.add_argument("-o", "--output", required=True, metavar="REPO", help="model repository (created if missing)")
+    e.add_argument("--platform", choices=platforms(), default="onnxruntime",
+                   help="onnxruntime (model.onnx), tensorrt (model.plan) or python (model.py + engine copy); "
+                        "default onnxruntime")
+    e.add_argument("--name", help="model name (default: the directory's name, as serve names it)")
+    e.add_argument("--backend", choices=names(bench=False),
+                   help="python platform: the engine backend (default: the fastest the serving machine allows)")
+    e.add_argument("--max-queue-delay-ms", type=non_negative_float, default=2.0, metavar="MS",
+                   help="dynamic batcher delay (default 2)")
+    e.add_argument("--instances", type=positive_int, default=1, help="instances per model (default 1)")
+    e.set_defaults(func=cmd_export_triton)
