@@ -330,7 +330,10 @@ class STVFM(nn.Module):
 
     def forecast(self, h: torch.Tensor) -> torch.Tensor:
         """Stages 5-6 from ``backbone.encode``'s output ``[2B, P+n, D]`` -> ``[B, T_out, C, H, W]`` in raw units."""
-        h = self.backbone.drop_prefix(h)
+        return self.decode_branches(self.backbone.drop_prefix(h))
+
+    def decode_branches(self, h: torch.Tensor) -> torch.Tensor:
+        """Stages 5-6 from both branches' features ``[2B, n, D]`` (raw branch first)."""
         B = h.shape[0] // 2
         return self.decode(self.bcpc(h[:B], h[B:]))
 
@@ -342,7 +345,7 @@ class STVFM(nn.Module):
     def forward(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None,
                 dow: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Stages 0-6 on inputs as ``Engine.predict`` validates them (:mod:`stvfm_engine.engine.inputs`)."""
-        return self.forecast(self.backbone.encode(self.backbone_input(x, tod, dow)))  # one backbone call on 2B
+        return self.decode_branches(self.backbone(self.embed_tokens(x, tod, dow)))  # one backbone call on 2B
 
 
 def build_model(config: STVFMConfig, seed: Optional[int] = None) -> STVFM:

@@ -20,6 +20,7 @@ Examples:
   stvfm-engine bench bike.engine --batch 1,16 --json bench.json --plot bench.png
   stvfm-engine bench bike.pt --backends eager,onnxruntime --precision fp32,int8 --batch 1,16
   stvfm-engine bench fp32.engine int8.engine --backends eager,onnxruntime --threads 2
+  stvfm-engine bench nyc.engine bike.engine taxi.engine --mix bike:8,taxi:8 --backends onnxruntime
 """
 
 
@@ -30,8 +31,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stvfm_engine.bench.runner import BenchError, open_targets, parse_list, run_bench
     from stvfm_engine.bench.timing import Schedule
 
+    if args.mix:
+        return _bench_mix(args)
     backends = parse_list(args.backends)
-    batches = parse_list(args.batch, int)
+    batches = parse_list(args.batch or "1,8", int)
     precisions = parse_list(args.precision) if args.precision else [None]
     if min(batches) < 1:
         raise BenchError(f"batch sizes must be >= 1, got {batches}")
@@ -72,6 +75,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_mix(args: argparse.Namespace) -> int:
+    from stvfm_engine.bench.mix import format_mix, run_mix
+    from stvfm_engine.bench.report import write_json
+    from stvfm_engine.bench.runner import BenchError, parse_list
+    from stvfm_engine.bench.timing import Schedule
+
+    batches = parse_list(args.batch or "1", int)
+    if len(batches) != 1 or batches[0] < 1:
+        raise BenchError(f"--mix takes one --batch (samples per request, >= 1), got {args.batch!r}")
+    if args.iters < 1 or args.warmup < 0:
+        raise BenchError("--iters must be >= 1 and --warmup >= 0")
+    log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr))
+    result = run_mix(args.target[0], args.mix, singles=args.target[1:], backends=parse_list(args.backends),
+                     batch=batches[0], schedule=Schedule.for_iters(args.iters, args.warmup), threads=args.threads,
+                     measure_memory=not args.no_memory, command=["stvfm-engine", "bench", *sys.argv[2:]]
+                     if sys.argv[1:2] == ["bench"] else None, log=log)
+    print(format_mix(result))
+    if args.json:
+        write_json(result, args.json)
+        log(f"JSON written to {args.json}")
+    return 0
+
+
 def _triton_stage(reference, variants, config, threads):
     """The Triton path's stage breakdown, profiled on its own module (see bench.stages)."""
     import torch
@@ -102,7 +128,13 @@ def register(sub) -> None:
                    help="engine directory or checkpoint (several engines of one model are compared side by side)")
     p.add_argument("--backends", default="eager,onnxruntime",
                    help=f"comma list of {', '.join(names(bench=True))} (default eager,onnxruntime)")
-    p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
+    p.add_argument("--batch", help="comma list of batch sizes (default 1,8; with --mix one: samples per request, "
+                                   "default 1)")
+    p.add_argument("--mix", metavar="NAME:N,...",
+                   help="multi-model engine DIR: N requests per model, shuffled, through predict_many vs the same "
+                        "requests through one-model engines (further DIRs: one-model engines built from the same "
+                        "checkpoints; missing ones are built to a temp dir); also the backbone calls per mixed batch "
+                        "and the RSS each adds (fresh processes)")
     p.add_argument("--precision", help="comma list of artifact precisions (fp32, int8, bf16); for a checkpoint, "
                                        "one temporary engine is built per precision (default: as built / fp32)")
     p.add_argument("--device", help="cpu or cuda (default: the artifact's)")
