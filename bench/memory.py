@@ -5,7 +5,9 @@ times the backend alone (the harness check: a backend timed among others must ag
 timed alone).
 
 Run as ``python -m stvfm_engine.bench.memory DIR BACKEND BATCH [--precision P] [--threads N]
-[--device D] [--schedule WARMUP,ROUNDS,BLOCK,DROP,COOLDOWN_S]``; it prints one JSON object.
+[--device D] [--schedule WARMUP,ROUNDS,BLOCK,DROP,COOLDOWN_S]``; it prints one JSON object. With
+``--added`` it measures instead the resident memory that loading the engine and one predict per model add
+to a process that has already imported everything and warmed up ONNX Runtime and PyTorch (:func:`added`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from stvfm_engine.engine.timing import Schedule
 
@@ -42,6 +46,76 @@ def measure(engine_dir: str | os.PathLike, backend: str, batch: int, precision: 
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"peak-memory process for {backend} batch {batch} failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+ADDED_NOTE = ("rss_added_mb: VmRSS after Engine.load + one batch-1 predict per model minus VmRSS before, in a "
+              "fresh process per engine that has imported everything and run a small ONNX Runtime session and a "
+              "torch matmul first (so per-process one-time costs are not counted per engine)")
+
+
+def added(engine_dir: str | os.PathLike, backend: Optional[str] = None, threads: Optional[int] = None,
+          timeout: float = 600) -> dict:
+    """RSS added by loading ``engine_dir`` and one predict per model, in a fresh process (:data:`ADDED_NOTE`)."""
+    cmd = [sys.executable, "-m", "stvfm_engine.bench.memory", str(engine_dir), backend or "default", "1", "--added"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory process for {engine_dir} failed: {last}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def rss_mb() -> float:
+    """This process's resident set now (``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmRSS in /proc/self/status")  # pragma: no cover - not Linux
+
+
+def _warm_up() -> list:
+    """Run what every engine's first call pays once per process: a torch matmul, a tiny ONNX Runtime session."""
+    import torch
+
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return []
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], [0.5] * 64)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "warm", [x], [y], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones((2, 8), np.float32)})
+    return [session]
+
+
+def _added_child(args: argparse.Namespace) -> dict:
+    import gc
+
+    from stvfm_engine.bench.runner import make_inputs
+    from stvfm_engine.engine import Engine
+
+    from stvfm_engine.engine.registry import BACKENDS
+
+    keep = _warm_up()
+    for spec in BACKENDS.values():  # imports every backend's module: imports are not what is measured
+        spec.why_not_run("cpu")
+    gc.collect()
+    before = rss_mb()
+    engine = Engine.load(args.dir, backend=None if args.backend == "default" else args.backend, threads=args.threads)
+    for name, config in engine.models.items():
+        engine.predict(*make_inputs(config, 1), model=name)
+    gc.collect()
+    after = rss_mb()
+    del keep
+    return {"engine": str(args.dir), "backend": engine.backend, "models": list(engine.models),
+            "rss_before_mb": before, "rss_after_mb": after, "rss_added_mb": after - before}
 
 
 def peak_rss_mb() -> float:
@@ -94,7 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--device")
     p.add_argument("--schedule", help="also time the backend alone: WARMUP,ROUNDS,BLOCK,DROP,COOLDOWN_S")
-    print(json.dumps(_child(p.parse_args(argv))))
+    p.add_argument("--added", action="store_true", help="RSS added by load + one predict per model (see added())")
+    args = p.parse_args(argv)
+    print(json.dumps(_added_child(args) if args.added else _child(args)))
     return 0
 
 

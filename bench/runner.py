@@ -14,7 +14,7 @@ import torch
 
 from stvfm_engine.bench import memory, report, roofline, stages
 from stvfm_engine.engine import Engine
-from stvfm_engine.engine.manifest import read_manifest
+from stvfm_engine.engine.manifest import is_multi, read_manifest
 from stvfm_engine.engine.precision import get_precision
 from stvfm_engine.engine.reference import reference_model
 from stvfm_engine.engine.registry import BACKENDS, OpenRequest, get_backend, names
@@ -120,6 +120,8 @@ def open_targets(targets: Sequence[str | os.PathLike], backends: Sequence[str], 
         for i, target in enumerate(targets):
             target = Path(target)
             if target.is_dir():
+                if is_multi(read_manifest(target)):
+                    raise BenchError(f"{target} is a multi-model engine: bench it with --mix NAME:N[,NAME:N...]")
                 dirs += [(target, p) for p in precisions]
                 continue
             if not target.is_file():

@@ -1,7 +1,9 @@
 """The graph every backend serves: fixed positional I/O ``(x[, tod, dow]) -> y``, float32 in and out.
 
 ONNX export, AOTInductor and the eager backend all wrap the reference model in :class:`ServingModel`,
-so that input names, the dynamic batch axis and the precision cast are defined once.
+so that input names, the dynamic batch axis and the precision cast are defined once. A multi-model
+engine serves the same model in three parts instead: per model :class:`PreGraph` and :class:`PostGraph`
+around one shared :class:`BackboneGraph` (``x[, tod, dow] -> tokens -> h -> y``).
 """
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import torch
 from torch import nn
 
 from stvfm_engine.engine.precision import Precision, get_precision
-from stvfm_engine.model.config import STVFMConfig
-from stvfm_engine.model.stvfm import STVFM
+from stvfm_engine.model.config import MAX_TOKENS, STVFMConfig
+from stvfm_engine.model.stvfm import STVFM, FrozenViT
 
 OUTPUT_NAME = "y"
+TOKENS_NAME = "tokens"  # the backbone's input [N, L, D]: N = 2B sequences (raw then flow branch), L = P + n
+FEATURES_NAME = "h"  # the backbone's output, same shape
+MAX_SEQUENCE = MAX_TOKENS + 64  # n tokens plus the backbone's prefix tokens
 
 
 def input_names(config: STVFMConfig) -> list[str]:
@@ -68,3 +73,52 @@ def dynamic_shapes(config: STVFMConfig, max_batch: int) -> dict:
     """``torch.export`` dynamic shapes: one shared batch dim in ``[1, max_batch]`` on every input."""
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     return {name: {0: batch} for name in input_names(config)}
+
+
+class PreGraph(nn.Module):
+    """``forward(x[, tod, dow]) -> tokens [2B, P+n, D]``: one model's stages 0-3 and the prefix tokens (fp32)."""
+
+    def __init__(self, model: STVFM):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, x: torch.Tensor, tod: torch.Tensor | None = None, dow: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.backbone_input(x, tod, dow)
+
+
+class BackboneGraph(nn.Module):
+    """``forward(tokens [N, L, D]) -> h [N, L, D]``: the shared frozen backbone, for any N and L (fp32)."""
+
+    def __init__(self, backbone: FrozenViT):
+        super().__init__()
+        self.backbone = backbone.eval()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode(tokens)
+
+
+class PostGraph(nn.Module):
+    """``forward(h [2B, P+n, D]) -> y [B, T_out, C, H, W]``: one model's stages 5-6 (fp32)."""
+
+    def __init__(self, model: STVFM):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.forecast(h)
+
+
+def backbone_example(model: STVFM, sequences: int = 4) -> torch.Tensor:
+    """Random backbone input ``[sequences, P+n, D]`` of ``model`` (4 sequences: 2 would specialise the axis)."""
+    return torch.randn(sequences, model.sequence_length, model.dim)
+
+
+def backbone_dynamic_shapes(max_batch: int) -> dict:
+    """Both the sequence axis (``2 * max_batch`` at most) and the token axis of the backbone are dynamic."""
+    return {TOKENS_NAME: {0: torch.export.Dim("sequences", min=1, max=2 * max(2, max_batch)),
+                          1: torch.export.Dim("length", min=2, max=MAX_SEQUENCE)}}
+
+
+def post_dynamic_shapes(max_batch: int) -> dict:
+    """``h`` holds ``2B`` sequences: its axis 0 is twice the dynamic batch."""
+    return {FEATURES_NAME: {0: 2 * torch.export.Dim("batch", min=1, max=max(2, max_batch))}}

@@ -13,6 +13,18 @@ Layout (``format_version`` 1)::
      "files": {"model.onnx": {"sha256": "...", "bytes": N}, ...},        # every file but the manifest
      "backends": {"onnxruntime": {"file": "model.onnx", "precision": "fp32", "device": "cpu",
                                   "parity": {...measured...}, "build_seconds": 12.3}, ...}}
+
+A multi-model directory (``format_version`` 2: several models on one frozen backbone; readers of
+format 1 refuse it by its version) stores the backbone once and each model's own parts apart::
+
+    {"format_version": 2, ..., "precision", "device", "max_batch", "versions", "files",
+     "backbone": {"timm": "vit_small_patch16_224.dino", "layers": 12, "dim": 384, "prefix_tokens": 1,
+                  "sha256": "<content hash of the backbone tensors>", "weights": "backbone.safetensors"},
+     "backends": {"onnxruntime": {"file": "backbone.onnx", "precision", "device", "cache": "hit", ...}},
+     "models": {"bike": {"checkpoint": {...}, "config": {...}, "normalization": {...}, "io": {...},
+                         "weights": "models/bike/weights.safetensors", "sequence_length": 113,
+                         "backends": {"onnxruntime": {"pre": "models/bike/pre.onnx",
+                                                      "post": "models/bike/post.onnx", "parity": {...}}}}}}
 """
 from __future__ import annotations
 
@@ -30,15 +42,36 @@ from stvfm_engine.engine.registry import distributions
 from stvfm_engine.errors import STVFMError
 from stvfm_engine.model.checkpoint import check_format
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one model: monolithic artifacts
+MULTI_FORMAT_VERSION = 2  # several models around one shared backbone
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
+BACKBONE_WEIGHTS_NAME = "backbone.safetensors"
 REQUIRED_KEYS = ("config", "normalization", "max_batch", "io", "files", "backends")
-
+MULTI_REQUIRED_KEYS = ("backbone", "models", "max_batch", "files", "backends")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a folder name, a URL path segment, a Triton model name
 
 
 class EngineDirError(STVFMError):
     """An engine directory that is missing, unreadable, or does not match its manifest."""
+
+
+def is_multi(manifest: dict[str, Any]) -> bool:
+    """A multi-model manifest (several models on one backbone), as opposed to a one-model one."""
+    return manifest.get("format_version") == MULTI_FORMAT_VERSION
+
+
+def model_file(name: str, file: str) -> str:
+    """Where a multi-model directory keeps ``file`` of model ``name``."""
+    return f"models/{name}/{file}"
+
+
+def check_model_name(name: Any) -> str:
+    """A model name that is safe as a folder name and in a URL; anything else is a one-line error."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name) or len(name) > 128:
+        raise EngineDirError(f"model name {name!r} is not usable: expected letters, digits, '_', '.', '-' "
+                             "(not starting with '.' or '-', at most 128 characters)")
+    return name
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -88,7 +121,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EngineDirError(f"{path}: unreadable manifest ({e})") from None
-    check_format(manifest, path, "manifest", FORMAT_VERSION, REQUIRED_KEYS, EngineDirError)
+    check_format(manifest, path, "manifest", {FORMAT_VERSION: REQUIRED_KEYS, MULTI_FORMAT_VERSION: MULTI_REQUIRED_KEYS},
+                 (), EngineDirError)
     if problem := _structure_problem(manifest):
         raise EngineDirError(f"{path}: malformed manifest: {problem}")
     return manifest
@@ -100,8 +134,9 @@ _DEVICE = re.compile(r"(cpu|cuda)(:[0-9]+)?")
 
 def _structure_problem(m: dict[str, Any]) -> str | None:
     """What is wrong with the types of a manifest's fields (None if nothing): readers index them freely."""
-    if not all(isinstance(m[k], dict) for k in ("config", "normalization", "io", "files", "backends")):
-        return "expected objects for config, normalization, io, files and backends"
+    objects = ("backbone", "models", "files", "backends") if is_multi(m) else ("config", "normalization", "io", "files", "backends")
+    if not all(isinstance(m[k], dict) for k in objects):
+        return f"expected objects for {', '.join(objects[:-1])} and {objects[-1]}"
     mb = m["max_batch"]
     if not isinstance(mb, int) or isinstance(mb, bool) or mb < 1:
         return f"expected max_batch an integer >= 1, found {mb!r}"
@@ -118,6 +153,35 @@ def _structure_problem(m: dict[str, Any]) -> str | None:
         if (not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("file", "precision", "device"))
                 or not _DEVICE.fullmatch(entry["device"])):
             return f"expected backends[{name!r}] with file, precision and device (cpu or cuda[:N]), found {entry!r:.80}"
+    return _models_problem(m) if is_multi(m) else None
+
+
+def _models_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a multi-model manifest's ``backbone`` and ``models`` (None if nothing).
+
+    Every file they name must be listed in ``files``, so that it is hash-checked before it is read.
+    """
+    listed = m["files"]
+    refs = [("backbone.weights", m["backbone"].get("weights"))]
+    refs += [(f"backends[{b!r}].file", e["file"]) for b, e in m["backends"].items()]
+    if not m["models"]:
+        return "expected models to name at least one model"
+    for name, entry in m["models"].items():
+        if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+            return f"model name {name!r} is not a plain name (letters, digits, '_', '.', '-')"
+        if (not isinstance(entry, dict) or not all(isinstance(entry.get(k), dict)
+                                                   for k in ("config", "normalization", "io", "backends"))
+                or not isinstance(entry.get("sequence_length"), int)):
+            return (f"expected models[{name!r}] with config, normalization, io, backends (objects), weights and "
+                    f"sequence_length, found {entry!r:.80}")
+        refs.append((f"models[{name!r}].weights", entry.get("weights")))
+        for b, parts in entry["backends"].items():
+            if not isinstance(parts, dict):
+                return f"expected models[{name!r}].backends[{b!r}] an object with pre and post, found {parts!r:.80}"
+            refs += [(f"models[{name!r}].backends[{b!r}].{k}", parts.get(k)) for k in ("pre", "post")]
+    for where, file in refs:
+        if not isinstance(file, str) or file not in listed:
+            return f"{where} is {file!r}, not a file the manifest lists with its sha256"
     return None
 
 

@@ -10,6 +10,11 @@ for an artifact backend its build step) plus one record here. A module provides:
   where ``ctx`` is a :class:`BuildContext` made by the builder
 - optionally ``version_problem(manifest) -> str | None`` (an artifact that needs the library version it
   was built with).
+
+A backend whose record says ``multi_model=True`` also serves multi-model directories (several models
+on one shared backbone, :mod:`stvfm_engine.engine.multi`): ``open_multi(request: MultiOpenRequest) -> Parts``
+and, for an artifact backend, ``build_backbone(ctx: MultiBuildContext) -> Artifact`` (the shared backbone)
+and ``build_parts(ctx, name) -> {"pre": Path, "post": Path}`` (one model's own parts).
 """
 from __future__ import annotations
 
@@ -17,12 +22,12 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
 
 from stvfm_engine.engine.precision import Precision, get_precision
-from stvfm_engine.engine.runtime import BackendError, Runner, cuda_status
+from stvfm_engine.engine.runtime import BackendError, cuda_status
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import STVFM
 
@@ -44,6 +49,7 @@ class Backend:
     bench_only: bool = False  # a baseline for `bench`, not something Engine.load serves
     auto: tuple[str, ...] = ()  # precisions `build --precision auto` tries on the CPU
     triton_platform: Optional[str] = None  # Triton Inference Server's platform for the artifact (export-triton)
+    multi_model: bool = False  # serves multi-model directories (open_multi; artifact backends: build_backbone/_parts)
     note: Optional[str] = None  # shown by `env`
 
     @property
@@ -124,9 +130,37 @@ class BuildContext:
     calib_data: Optional[Path] = None  # build --calib-data PREFIX (calibration windows for static int8)
 
 
+@dataclass
+class MultiOpenRequest:
+    """What a backend's ``open_multi`` gets: a multi-model directory, its manifest and the resolved choices."""
+
+    directory: Path
+    entry: Optional[dict[str, Any]]  # manifest["backends"][name]: the backbone artifact (None for a weights backend)
+    models: Mapping[str, dict[str, Any]]  # manifest["models"]: name -> config, files, per-backend parts
+    configs: Mapping[str, STVFMConfig]
+    precision: Precision
+    device: torch.device
+    threads: Optional[int]
+    references: Callable[[], Mapping[str, STVFM]]  # the fp32 reference models (sharing one backbone), on demand
+
+
+@dataclass
+class MultiBuildContext:
+    """What a backend's ``build_backbone(ctx)`` and ``build_parts(ctx, name)`` get from the multi-model builder."""
+
+    models: Mapping[str, STVFM]  # fp32 references, CPU, all with the same backbone tensors
+    directory: Path  # the temp directory being built
+    precision: Precision
+    device: str
+    max_batch: int
+    backbone_onnx: Callable[[], Path]  # the fp32 backbone.onnx, exported and checked once per build
+    parts_onnx: Callable[[str], tuple[Path, Path]]  # one model's fp32 pre.onnx and post.onnx
+    stage: Callable[[str, str], ContextManager[None]]
+
+
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("onnxruntime", "stvfm_engine.engine.backends.onnxruntime", files=("model.onnx",),
-            precisions=("fp32", "int8"), portable=True, threads=True,
+            precisions=("fp32", "int8"), portable=True, threads=True, multi_model=True,
             distributions=("onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu"), auto=("fp32", "int8"),
             triton_platform="onnxruntime_onnx"),
     Backend("openvino", "stvfm_engine.engine.backends.openvino", files=("model.xml", "model.bin"), devices=("cpu",),
@@ -139,7 +173,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             triton_platform="tensorrt_plan",
             note="untested here: no machine of this project (CPU or lent GPU) has TensorRT; "
                  "the code path follows the TensorRT 10 and 11 APIs but has never run"),
-    Backend("eager", "stvfm_engine.engine.backends.eager", precisions=("fp32", "bf16", "fp16")),
+    Backend("eager", "stvfm_engine.engine.backends.eager", precisions=("fp32", "bf16", "fp16"), multi_model=True),
     # triton: its runner is thread-safe with CUDA graphs (they serialise themselves), not in the interpreter
     Backend("triton", "stvfm_engine.engine.backends.triton", precisions=("fp32", "bf16", "fp16"),
             default_precision=(("cuda", "bf16"),), distributions=("triton",)),
@@ -158,11 +192,12 @@ PREFERENCE: tuple[tuple[str, str], ...] = (
 BASE_DISTRIBUTIONS = ("torch", "timm", "numpy", "safetensors", "stvfm-engine")
 
 
-def names(artifact: Optional[bool] = None, bench: bool = False) -> tuple[str, ...]:
+def names(artifact: Optional[bool] = None, bench: bool = False, multi_model: bool = False) -> tuple[str, ...]:
     """Backend names in registry order: all servable ones, or only artifact (True) / weights (False) ones;
-    ``bench`` adds the bench-only baselines."""
+    ``bench`` adds the bench-only baselines; ``multi_model`` keeps those that serve multi-model directories."""
     return tuple(n for n, b in BACKENDS.items()
-                 if (bench or not b.bench_only) and (artifact is None or b.artifact == artifact))
+                 if (bench or not b.bench_only) and (artifact is None or b.artifact == artifact)
+                 and (b.multi_model or not multi_model))
 
 
 def get_backend(name: str, bench: bool = False) -> Backend:

@@ -64,9 +64,13 @@ def build_status(backend: str, device: str = "cpu", precision: str = "fp32") -> 
     return BACKENDS[backend].why_not_build(device, precision)
 
 
-def resolve_backends(backends: Optional[Iterable[str] | str], device: str, precision: Precision) -> list[str]:
-    """The requested backends in build order (None: all this machine can build); unbuildable ones are errors."""
-    artifacts = names(artifact=True)
+def resolve_backends(backends: Optional[Iterable[str] | str], device: str, precision: Precision,
+                     multi_model: bool = False) -> list[str]:
+    """The requested backends in build order (None: all this machine can build); unbuildable ones are errors.
+
+    ``multi_model``: for a multi-model directory (only backends whose registry record has ``multi_model``).
+    """
+    artifacts = names(artifact=True, multi_model=multi_model)
     if backends is None:
         chosen = [b for b in artifacts if build_status(b, device, precision.name) is None]
         if not chosen:
@@ -79,23 +83,40 @@ def resolve_backends(backends: Optional[Iterable[str] | str], device: str, preci
     if not chosen:
         raise BuildError(f"no backends given; expected some of {list(artifacts)}")
     for b in chosen:
+        if multi_model and b in names(artifact=True) and b not in artifacts:
+            raise BuildError(f"cannot build {b} for a multi-model engine: its backend has no multi-model build "
+                             f"(those that have: {list(artifacts)})")
         if why := build_status(b, device, precision.name):
             raise BuildError(f"cannot build {b} for {device} at {precision.name}: {why}")
     return [b for b in artifacts if b in chosen]
 
 
-def _normalize_device(device: str) -> str:
+def check_max_batch(max_batch: int) -> int:
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise BuildError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    return max_batch
+
+
+def manifest_head(format_version: int, precision: Precision, device: str, max_batch: int) -> dict:
+    """The fields every manifest starts with (the builder adds what it built)."""
+    return {"format_version": format_version, "stvfm_engine_version": __version__,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "precision": precision.name, "device": device, "max_batch": max_batch, "versions": library_versions()}
+
+
+def normalize_build_device(device: str) -> str:
     d = normalize_device(device)
     if torch.device(d).type == "cuda" and (why := cuda_status()):
         raise BuildError(f"cannot build for {device}: {why}")
     return d
 
 
-def _save_weights(model: STVFM, path: Path) -> None:
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path))
 
 
 def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
@@ -118,9 +139,8 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     if auto and torch.device(normalize_device(device)).type != "cpu":
         raise BuildError(f"--precision auto chooses among CPU artifacts, not --device {device} "
                          "(name --backends and --precision for a GPU)")
-    device = _normalize_device(device)
-    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
-        raise BuildError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    device = normalize_build_device(device)
+    check_max_batch(max_batch)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise BuildError(f"threads must be an integer >= 1, got {threads!r}")
     max_mae_loss = check_max_mae_loss(max_mae_loss)
@@ -143,7 +163,7 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
         ctx = BuildContext(model, tmp, target, prec, device, max_batch, _onnx_once(model, export, max_batch, ui),
                            ui.stage, None if calib_data is None else Path(calib_data))
         with ui.stage("weights", f"{WEIGHTS_NAME} + checkpoint sha256"):
-            _save_weights(model, tmp / WEIGHTS_NAME)
+            save_weights(model.state_dict(), tmp / WEIGHTS_NAME)
             ckpt_record = {"file": ckpt_path.name, **file_record(ckpt_path)}
         extra = {}
         if auto:
@@ -155,17 +175,8 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
             entries = {name: _build_one(name, ctx, ui, calib_data, max_mae_loss) for name in chosen}
         shutil.rmtree(export, ignore_errors=True)
         manifest = {
-            "format_version": FORMAT_VERSION,
-            "stvfm_engine_version": __version__,
-            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "checkpoint": ckpt_record,
-            "config": model.config.to_dict(),
-            "normalization": {"mean": model.norm_mean.tolist(), "std": model.norm_std.tolist()},
-            "precision": prec.name,
-            "device": device,
-            "max_batch": max_batch,
-            "io": io_spec(model.config, max_batch),
-            "versions": library_versions(),
+            **manifest_head(FORMAT_VERSION, prec, device, max_batch),
+            **model_record(model, ckpt_record, max_batch),
             "files": file_table(tmp),
             "backends": entries,
             **extra,
@@ -174,6 +185,13 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
         write_manifest(tmp, manifest)
     ui.note(f"engine written to {target} ({', '.join(chosen)}; {manifest['build_seconds']:.1f} s)")
     return Path(output_dir)
+
+
+def model_record(model: STVFM, checkpoint: dict, max_batch: int) -> dict:
+    """What a manifest records of one model: its checkpoint, config, normalisation and I/O."""
+    return {"checkpoint": checkpoint, "config": model.config.to_dict(),
+            "normalization": {"mean": model.norm_mean.tolist(), "std": model.norm_std.tolist()},
+            "io": io_spec(model.config, max_batch)}
 
 
 def _build_one(name: str, ctx: BuildContext, ui: BuildProgress, calib_data: Optional[str | os.PathLike],
@@ -205,6 +223,5 @@ def _build_one(name: str, ctx: BuildContext, ui: BuildProgress, calib_data: Opti
             ui.note(f"{name}: test MAE {gate['mae']:.4f} vs fp32 {gate['mae_fp32']:.4f} "
                               f"({100 * gate['mae_loss']:+.2f}%)")
         entry["reduced_precision"] = {**artifact.details, "gate": gate}
-    del runner
     entry["build_seconds"] = round(seconds, 3)
     return entry

@@ -1,7 +1,9 @@
-"""ONNX export of the served graph (``torch.onnx.export(dynamo=True)``, opset 18, dynamic batch), checked.
+"""ONNX export of the served graphs (``torch.onnx.export(dynamo=True)``, opset 18, dynamic axes), checked.
 
-Export uses an example batch of 2: with batch 1 the dynamo exporter specialises the batch axis even
-when it is declared dynamic (shared/docs/pitfalls.md).
+The one-model graph (``x[, tod, dow] -> y``) and a multi-model engine's parts (per model ``pre``/``post``,
+one shared ``backbone``) go through the same export and check. Export uses an example batch of 2: with
+batch 1 the dynamo exporter specialises the batch axis even when it is declared dynamic
+(shared/docs/pitfalls.md).
 """
 from __future__ import annotations
 
@@ -9,10 +11,14 @@ import contextlib
 import sys
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from torch import nn
 
-from stvfm_engine.engine.graph import OUTPUT_NAME, ServingModel, dynamic_shapes, example_inputs, input_names
+from stvfm_engine.engine.graph import (FEATURES_NAME, OUTPUT_NAME, TOKENS_NAME, BackboneGraph, PostGraph, PreGraph,
+                                       ServingModel, backbone_dynamic_shapes, backbone_example, dynamic_shapes,
+                                       example_inputs, input_names, post_dynamic_shapes)
 from stvfm_engine.engine.runtime import ExportError
 from stvfm_engine.errors import first_line
 from stvfm_engine.model.stvfm import STVFM
@@ -23,24 +29,45 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (proto
 
 def export_onnx(model: STVFM, path: Path, max_batch: int) -> Path:
     """Write the fp32 served graph of ``model`` to ``path`` (plus ``path.data`` for large weights), checked."""
-    serving = ServingModel(model, "fp32").eval()
+    return export_graph(ServingModel(model, "fp32").eval(), example_inputs(model, batch=2), path,
+                        input_names(model.config), [OUTPUT_NAME], dynamic_shapes(model.config, max_batch))
+
+
+def export_parts(model: STVFM, pre_path: Path, post_path: Path, max_batch: int) -> tuple[Path, Path]:
+    """Write one model's ``pre`` (``x[, tod, dow] -> tokens``) and ``post`` (``h -> y``) graphs, checked."""
     args = example_inputs(model, batch=2)
-    big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > EXTERNAL_DATA_BYTES
+    export_graph(PreGraph(model), args, pre_path, input_names(model.config), [TOKENS_NAME],
+                 dynamic_shapes(model.config, max_batch))
+    with torch.inference_mode():
+        h = model.backbone.encode(model.backbone_input(*args))
+    export_graph(PostGraph(model), (h.clone(),), post_path, [FEATURES_NAME], [OUTPUT_NAME],
+                 post_dynamic_shapes(max_batch))
+    return pre_path, post_path
+
+
+def export_backbone(model: STVFM, path: Path, max_batch: int) -> Path:
+    """Write the shared backbone (``tokens [N, L, D] -> h``, N and L dynamic) of ``model``, checked."""
+    return export_graph(BackboneGraph(model.backbone), (backbone_example(model),), path, [TOKENS_NAME],
+                        [FEATURES_NAME], backbone_dynamic_shapes(max_batch), dynamic_axes=(0, 1))
+
+
+def export_graph(module: nn.Module, args: tuple, path: Path, inputs: Sequence[str], outputs: Sequence[str],
+                 shapes: dict, dynamic_axes: Sequence[int] = (0,)) -> Path:
+    """Export ``module`` on the example ``args`` to ``path`` (weights over 1 GiB go to ``path.data``), checked."""
+    big = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")  # the exporter warns about every renamed dynamic axis
         try:
-            torch.onnx.export(serving, args, str(path), dynamo=True, opset_version=OPSET,
-                              input_names=input_names(model.config), output_names=[OUTPUT_NAME],
-                              dynamic_shapes=dynamic_shapes(model.config, max_batch), external_data=big,
-                              verbose=False)
+            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=list(inputs),
+                              output_names=list(outputs), dynamic_shapes=shapes, external_data=big, verbose=False)
         except Exception as e:  # the exporter raises many types; name the first line of it
             raise ExportError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from None
-    check_onnx(path, model)
+    check_onnx(path, inputs, outputs, dynamic_axes)
     return path
 
 
-def check_onnx(path: Path, model: STVFM) -> None:
-    """``onnx.checker`` (full check), the opset, and the I/O names and dynamic batch axis."""
+def check_onnx(path: Path, inputs: Sequence[str], outputs: Sequence[str], dynamic_axes: Sequence[int] = (0,)) -> None:
+    """``onnx.checker`` (full check), the opset, the I/O names, and that ``dynamic_axes`` of every I/O are dynamic."""
     import onnx
 
     try:
@@ -53,9 +80,11 @@ def check_onnx(path: Path, model: STVFM) -> None:
         raise ExportError(f"{path.name} has opset {opset}; expected >= {OPSET}")
     names = [i.name for i in proto.graph.input]
     outs = [o.name for o in proto.graph.output]
-    if names != input_names(model.config) or outs != [OUTPUT_NAME]:
-        raise ExportError(f"{path.name} has inputs {names} and outputs {outs}; expected {input_names(model.config)} -> [y]")
+    if names != list(inputs) or outs != list(outputs):
+        raise ExportError(f"{path.name} has inputs {names} and outputs {outs}; expected {list(inputs)} -> {list(outputs)}")
     for value in list(proto.graph.input) + list(proto.graph.output):
-        batch = value.type.tensor_type.shape.dim[0]
-        if not batch.dim_param:
-            raise ExportError(f"{path.name}: the batch axis of {value.name} is fixed to {batch.dim_value}; expected dynamic")
+        for axis in dynamic_axes:
+            dim = value.type.tensor_type.shape.dim[axis]
+            if not dim.dim_param:
+                what = "the batch axis" if axis == 0 else f"axis {axis}"
+                raise ExportError(f"{path.name}: {what} of {value.name} is fixed to {dim.dim_value}; expected dynamic")

@@ -46,15 +46,20 @@ def save_checkpoint(model: STVFM, path: str | os.PathLike, metrics: Optional[dic
     return Path(path)
 
 
-def check_format(obj: Any, source: Any, kind: str, version: int, required: tuple[str, ...],
-                 error: type[Exception]) -> None:
-    """The top level of a file read as data: a dict of the expected ``format_version`` with ``required`` keys."""
+def check_format(obj: Any, source: Any, kind: str, version: int | dict[int, tuple[str, ...]],
+                 required: tuple[str, ...], error: type[Exception]) -> None:
+    """The top level of a file read as data: a dict of the expected ``format_version`` with ``required`` keys.
+
+    ``version`` may map each readable format version to its own required keys (``required`` is then unused).
+    """
     if not isinstance(obj, dict):
         raise error(f"{source}: expected a {kind} (a JSON object / dict), found {type(obj).__name__}")
+    readable = version if isinstance(version, dict) else {version: required}
     found = obj.get("format_version")
-    if found != version:
-        raise error(f"{source}: unknown {kind} format_version {found!r}; this stvfm-engine reads {version}")
-    if missing := [k for k in required if k not in obj]:
+    if not isinstance(found, int) or isinstance(found, bool) or found not in readable:
+        raise error(f"{source}: unknown {kind} format_version {found!r}; this stvfm-engine reads "
+                    + " or ".join(map(str, readable)))
+    if missing := [k for k in readable[found] if k not in obj]:
         raise error(f"{source}: {kind} lacks {missing}")
 
 

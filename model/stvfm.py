@@ -16,6 +16,7 @@ from stvfm_engine.errors import ConfigError
 from stvfm_engine.model.config import STVFMConfig
 
 LN_EPS = 1e-6  # every LayerNorm of ours (timm's ViTs use the same)
+BACKBONE_PREFIX = "backbone."  # state-dict names of the frozen backbone's tensors
 
 
 # ----------------------------------------------------------------------------- stages 0-2, 6
@@ -167,13 +168,27 @@ class FrozenViT(nn.Module):
         self.patch_pos = patch_pos.to(device=device, dtype=dtype).contiguous()
         self.prefix = prefix.to(device=device, dtype=dtype).contiguous()
 
+    def add_prefix(self, z: torch.Tensor) -> torch.Tensor:
+        """``[N, n, D]`` tokens (position embedding already added) -> ``[N, P+n, D]`` with the prefix tokens first."""
+        if not self.num_prefix_tokens:
+            return z
+        return torch.cat([self.prefix.expand(z.shape[0], -1, -1), z], dim=1)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """``norm_pre -> blocks -> norm`` on ``[N, L, D]``: every sequence on its own, for any length ``L``."""
+        return self.norm(self.blocks(self.norm_pre(z)))
+
+    def share_encoder(self, other: "FrozenViT") -> None:
+        """Run ``other``'s ``norm_pre``/``blocks``/``norm`` modules (the same weights): models that share a
+        backbone then hold its blocks once, on whatever device they are moved to."""
+        self.norm_pre, self.blocks, self.norm = other.norm_pre, other.blocks, other.norm
+
+    def drop_prefix(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, self.num_prefix_tokens:]
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``[N, n, D]`` tokens (position embedding already added) -> ``[N, n, D]`` features."""
-        P = self.num_prefix_tokens
-        if P:
-            z = torch.cat([self.prefix.expand(z.shape[0], -1, -1), z], dim=1)
-        z = self.norm(self.blocks(self.norm_pre(z)))
-        return z[:, P:]
+        return self.drop_prefix(self.encode(self.add_prefix(z)))
 
 
 # ----------------------------------------------------------------------------- stage 5
@@ -275,7 +290,7 @@ class STVFM(nn.Module):
     def freeze_backbone(self) -> None:
         """The split that "frozen" means everywhere: backbone fixed, every other parameter trainable."""
         for name, p in self.named_parameters():
-            p.requires_grad_(not name.startswith("backbone."))
+            p.requires_grad_(not name.startswith(BACKBONE_PREFIX))
 
     def set_normalization(self, mean, std) -> None:
         mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
@@ -306,12 +321,31 @@ class STVFM(nn.Module):
         y = unpatchify(y, c.horizon, c.channels, c.patch, c.height, c.width)
         return denormalize(y, self.norm_mean, self.norm_std)
 
+    # A multi-model engine runs these two per model around one shared backbone call (FrozenViT.encode),
+    # whose input is all that differs between models: its sequence length P+n.
+    def backbone_input(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None,
+                       dow: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Stages 0-3 plus the backbone's prefix tokens: ``[2B, P+n, D]``, the input of ``backbone.encode``."""
+        return self.backbone.add_prefix(self.embed_tokens(x, tod, dow))
+
+    def forecast(self, h: torch.Tensor) -> torch.Tensor:
+        """Stages 5-6 from ``backbone.encode``'s output ``[2B, P+n, D]`` -> ``[B, T_out, C, H, W]`` in raw units."""
+        return self.decode_branches(self.backbone.drop_prefix(h))
+
+    def decode_branches(self, h: torch.Tensor) -> torch.Tensor:
+        """Stages 5-6 from both branches' features ``[2B, n, D]`` (raw branch first)."""
+        B = h.shape[0] // 2
+        return self.decode(self.bcpc(h[:B], h[B:]))
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per backbone sequence, ``P + n``: models with equal lengths can share one backbone call."""
+        return self.backbone.num_prefix_tokens + self.config.num_tokens
+
     def forward(self, x: torch.Tensor, tod: Optional[torch.Tensor] = None,
                 dow: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Stages 0-6 on inputs as ``Engine.predict`` validates them (:mod:`stvfm_engine.engine.inputs`)."""
-        B = x.shape[0]
-        h = self.backbone(self.embed_tokens(x, tod, dow))  # one backbone call on 2B sequences
-        return self.decode(self.bcpc(h[:B], h[B:]))
+        return self.decode_branches(self.backbone(self.embed_tokens(x, tod, dow)))  # one backbone call on 2B
 
 
 def build_model(config: STVFMConfig, seed: Optional[int] = None) -> STVFM:

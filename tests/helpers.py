@@ -16,7 +16,8 @@ from stvfm_engine.model.checkpoint import save_checkpoint
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import build_model
 
-__all__ = ["rel_err", "relative_error", "random_inputs", "reference_output", "write_checkpoint", "why_not_run"]
+__all__ = ["rel_err", "relative_error", "random_inputs", "reference_output", "write_checkpoint", "why_not_run",
+           "one_error_line"]
 
 
 def rel_err(a, b) -> float:
@@ -152,3 +153,10 @@ class ServerProcess:
         for pid in self.leftovers:
             os.kill(pid, signal.SIGKILL)
         return code
+
+
+def one_error_line(err: str, command: str) -> str:
+    """The one line a failed CLI command writes on stderr (asserted to be exactly one, without a traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stvfm-engine {command}: error: ") and "Traceback" not in err, err
+    return lines[0]

@@ -254,7 +254,7 @@ MALFORMED = {
     "not json": (lambda m: "{'format_version': 1", "unreadable manifest"),
     "a list": (lambda m: "[1, 2, 3]", "expected a manifest (a JSON object / dict), found list"),
     "binary": (lambda m: b"\xff\xfe\x00garbage", "unreadable manifest"),
-    "format 2": (_set(["format_version"], 2), "unknown manifest format_version 2; this stvfm-engine reads 1"),
+    "format 3": (_set(["format_version"], 3), "unknown manifest format_version 3; this stvfm-engine reads 1 or 2"),
     "format '1'": (_set(["format_version"], "1"), "unknown manifest format_version '1'"),
     "no format": (lambda m: m.pop("format_version") and None, "unknown manifest format_version None"),
     "no files": (lambda m: m.pop("files") and None, "manifest lacks ['files']"),

@@ -3,6 +3,10 @@
 int8 is ONNX Runtime's dynamic quantisation (weights int8 per output channel, activations quantised at
 run time) of the backbone's weight matmuls (stage 4, nearly all the FLOPs); the adapters, BCPC and
 head stay fp32. The file runs on the CPU provider, or on CUDA where onnxruntime-gpu is installed.
+
+A multi-model directory holds one ``backbone.onnx`` (sequence and token axes dynamic) and per model
+``pre.onnx``/``post.onnx`` (fp32), each an ONNX Runtime session; tensors pass between them through host
+memory (on CUDA too: no IO binding for the parts).
 """
 from __future__ import annotations
 
@@ -15,14 +19,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from stvfm_engine.engine.graph import OUTPUT_NAME, input_names
+from stvfm_engine.engine.graph import FEATURES_NAME, OUTPUT_NAME, TOKENS_NAME, input_names
+from stvfm_engine.engine.multi import Parts
 from stvfm_engine.engine.precision import Precision
-from stvfm_engine.engine.registry import Artifact, BuildContext, OpenRequest
+from stvfm_engine.engine.registry import Artifact, BuildContext, MultiBuildContext, MultiOpenRequest, OpenRequest
 from stvfm_engine.engine.runtime import BackendError, Runner, missing, output, rebuild_hint, to_numpy, to_torch
 from stvfm_engine.errors import ConfigError, first_line
 from stvfm_engine.model.config import STVFMConfig
 
 INT8_SCOPE = "backbone"  # the module whose weight matmuls int8 quantises
+BACKBONE_NAME = "backbone.onnx"  # a multi-model directory's shared backbone
 
 
 def why_not_run(device: torch.device) -> Optional[str]:
@@ -100,28 +106,33 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, scope: str = I
     return {"mode": "dynamic", "scope": scope, "per_channel": True, "quantized_nodes": len(nodes)}
 
 
+def session(path: Path, device: torch.device, threads: Optional[int]):
+    """An ONNX Runtime session on ``path`` with full graph optimisation, for ``device``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    if device.type == "cuda":
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise BackendError(f"onnxruntime {ort.__version__} cannot open {path} (e.g. an opset it does not support; "
+                           f"{rebuild_hint(path.parent)}): {first_line(e)}") from None
+
+
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime with full graph optimisation; IO binding on CUDA (device-resident in and out)."""
 
     def __init__(self, path: Path, config: STVFMConfig, device: torch.device, threads: Optional[int]):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
         self.device = device
-        if device.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise BackendError(f"onnxruntime {ort.__version__} cannot open {path} (e.g. an opset it does not support; "
-                               f"{rebuild_hint(path.parent)}): {first_line(e)}") from None
+        self.session = session(path, device, threads)
         self.names = input_names(config)
         self.out_tail = [config.horizon, config.channels, config.height, config.width]
 
@@ -144,3 +155,38 @@ class OnnxRuntimeRunner(Runner):
 
 def open(request: OpenRequest) -> Runner:  # noqa: A001 - the registry's interface name
     return OnnxRuntimeRunner(request.directory / request.entry["file"], request.config, request.device, request.threads)
+
+
+def build_backbone(ctx: MultiBuildContext) -> Artifact:
+    return Artifact(ctx.backbone_onnx())
+
+
+def build_parts(ctx: MultiBuildContext, name: str) -> dict[str, Path]:
+    pre, post = ctx.parts_onnx(name)
+    return {"pre": pre, "post": post}
+
+
+class OnnxRuntimeParts(Parts):
+    """One session for the shared ``backbone.onnx``, two (``pre``/``post``) per model."""
+
+    def __init__(self, request: MultiOpenRequest):
+        d, device, threads = request.directory, request.device, request.threads
+        self.backbone_session = session(d / request.entry["file"], device, threads)
+        self.sessions = {name: (session(d / m["backends"]["onnxruntime"]["pre"], device, threads),
+                                session(d / m["backends"]["onnxruntime"]["post"], device, threads))
+                         for name, m in request.models.items()}
+        self.names = {name: input_names(c) for name, c in request.configs.items()}
+
+    def pre(self, name, x, tod, dow) -> torch.Tensor:
+        feeds = {n: to_numpy(v) for n, v in zip(self.names[name], (x, tod, dow))}
+        return torch.from_numpy(self.sessions[name][0].run([TOKENS_NAME], feeds)[0])
+
+    def backbone(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.backbone_session.run([FEATURES_NAME], {TOKENS_NAME: to_numpy(tokens)})[0])
+
+    def post(self, name: str, h: torch.Tensor) -> np.ndarray:
+        return self.sessions[name][1].run([OUTPUT_NAME], {FEATURES_NAME: to_numpy(h.contiguous())})[0]
+
+
+def open_multi(request: MultiOpenRequest) -> Parts:
+    return OnnxRuntimeParts(request)

@@ -32,6 +32,7 @@ http://127.0.0.1:8002/metrics; a Ray Serve app answers URL/metrics). Given an en
 model is timed offline with Engine.predict at the server's mean batch for comparison.
   stvfm-engine bench bike.engine --url http://127.0.0.1:8000 --model bike.engine --concurrency 1,4,16 \
       --metrics-url http://127.0.0.1:8002/metrics --json load.json
+  stvfm-engine bench nyc.engine bike.engine taxi.engine --mix bike:8,taxi:8 --backends onnxruntime
 """
 
 
@@ -44,6 +45,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.url:
         return _bench_url(args)
+    if args.mix:
+        return _bench_mix(args)
     if not args.target:
         raise BenchError("bench needs an engine DIR or checkpoint (or --url URL to load-test a server)")
     backends = parse_list(args.backends)
@@ -91,6 +94,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_mix(args: argparse.Namespace) -> int:
+    from stvfm_engine.bench.mix import format_mix, run_mix
+    from stvfm_engine.bench.report import write_json
+    from stvfm_engine.bench.runner import BenchError, parse_list
+    from stvfm_engine.engine.timing import Schedule
+
+    batches = parse_list(args.batch or "1", int)
+    if len(batches) != 1 or batches[0] < 1:
+        raise BenchError(f"--mix takes one --batch (samples per request, >= 1), got {args.batch!r}")
+    if args.iters < 1 or args.warmup < 0:
+        raise BenchError("--iters must be >= 1 and --warmup >= 0")
+    log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr))
+    result = run_mix(args.target[0], args.mix, singles=args.target[1:], backends=parse_list(args.backends),
+                     batch=batches[0], schedule=Schedule.for_iters(args.iters, args.warmup), threads=args.threads,
+                     measure_memory=not args.no_memory, command=["stvfm-engine", "bench", *sys.argv[2:]]
+                     if sys.argv[1:2] == ["bench"] else None, log=log)
+    print(format_mix(result))
+    if args.json:
+        write_json(result, args.json)
+        log(f"JSON written to {args.json}")
+    return 0
+
+
 def _bench_url(args: argparse.Namespace) -> int:
     """``bench --url``: the load test of a running server (bench.load), optionally against ``Engine.predict``."""
     from stvfm_engine.bench.load import LoadError, format_load_table, offline_timer, run_load
@@ -131,7 +157,13 @@ def register(sub) -> None:
                    help="engine directory or checkpoint (several engines of one model are compared side by side)")
     p.add_argument("--backends", default="eager,onnxruntime",
                    help=f"comma list of {', '.join(names(bench=True))} (default eager,onnxruntime)")
-    p.add_argument("--batch", help="comma list of batch sizes (default 1,8; with --url one size, default 1)")
+    p.add_argument("--batch", help="comma list of batch sizes (default 1,8; with --url or --mix one: samples per "
+                                   "request, default 1)")
+    p.add_argument("--mix", metavar="NAME:N,...",
+                   help="multi-model engine DIR: N requests per model, shuffled, through predict_many vs the same "
+                        "requests through one-model engines (further DIRs: one-model engines built from the same "
+                        "checkpoints; missing ones are built to a temp dir); also the backbone calls per mixed batch "
+                        "and the RSS each adds (fresh processes)")
     p.add_argument("--precision", help="comma list of artifact precisions (fp32, int8, bf16); for a checkpoint, "
                                        "one temporary engine is built per precision (default: as built / fp32)")
     p.add_argument("--device", help="cpu or cuda (default: the artifact's)")

@@ -22,26 +22,44 @@ def _human_bytes(n: int) -> str:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from stvfm_engine.engine.manifest import read_manifest
+    from stvfm_engine.export.atomic_dir import BuildError
     from stvfm_engine.export.build import build_engine
+    from stvfm_engine.export.multi_build import build_multi_engine
 
-    out = build_engine(args.checkpoint, args.output, backends=args.backends, precision=args.precision,
-                       device=args.device, max_batch=args.max_batch, progress=not args.quiet,
-                       calib_data=args.calib_data, max_mae_loss=args.max_mae_loss, threads=args.threads)
+    if len(args.checkpoint) == 1:
+        if args.names:
+            raise BuildError("--names names the models of a multi-model engine: give two or more checkpoints")
+        out = build_engine(args.checkpoint[0], args.output, backends=args.backends, precision=args.precision,
+                           device=args.device, max_batch=args.max_batch, progress=not args.quiet,
+                           calib_data=args.calib_data, max_mae_loss=args.max_mae_loss, threads=args.threads)
+        manifest = read_manifest(out)
+        if "auto" in manifest and not args.quiet:
+            from stvfm_engine.export.auto import format_table
+
+            print(format_table(manifest["auto"]), file=sys.stderr)
+        print(json.dumps({"engine": str(out), "backends": {b: {"precision": e["precision"], "device": e["device"],
+                                                              "max_rel_err": e["parity"]["max_rel_err"]}
+                                                          for b, e in manifest["backends"].items()},
+                          **{k: manifest[k] for k in ("default", "auto") if k in manifest},
+                          "build_seconds": manifest["build_seconds"]}))
+        return 0
+    if args.calib_data:
+        raise BuildError("--calib-data gates reduced precisions; multi-model engines are built at fp32")
+    out = build_multi_engine(args.checkpoint, args.output, names=args.names, backends=args.backends,
+                             precision=args.precision, device=args.device, max_batch=args.max_batch,
+                             progress=not args.quiet, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     manifest = read_manifest(out)
-    if "auto" in manifest and not args.quiet:
-        from stvfm_engine.export.auto import format_table
-
-        print(format_table(manifest["auto"]), file=sys.stderr)
-    print(json.dumps({"engine": str(out), "backends": {b: {"precision": e["precision"], "device": e["device"],
-                                                          "max_rel_err": e["parity"]["max_rel_err"]}
-                                                      for b, e in manifest["backends"].items()},
-                      **{k: manifest[k] for k in ("default", "auto") if k in manifest},
+    print(json.dumps({"engine": str(out),
+                      "backends": {b: {"precision": e["precision"], "device": e["device"], "cache": e["cache"]}
+                                   for b, e in manifest["backends"].items()},
+                      "models": {n: {b: {"max_rel_err": e["parity"]["max_rel_err"], "cache": e["cache"]}
+                                     for b, e in m["backends"].items()} for n, m in manifest["models"].items()},
                       "build_seconds": manifest["build_seconds"]}))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from stvfm_engine.engine.manifest import WEIGHTS_NAME, read_manifest, verify_files
+    from stvfm_engine.engine.manifest import WEIGHTS_NAME, is_multi, read_manifest, verify_files
 
     manifest = read_manifest(args.engine)
     if args.verify:
@@ -49,33 +67,52 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    c, files = manifest["config"], manifest["files"]
-    print(f"engine {args.engine}: {c['backbone']} (L={c['backbone_layers']}), T={c['history']} -> {c['horizon']}, "
-          f"C={c['channels']}, grid {c['height']}x{c['width']}, p={c['patch']}, steps_per_day={c['steps_per_day']}")
-    print(f"max batch {manifest['max_batch']}; built {manifest['created_utc']} with torch {manifest['versions']['torch']}; "
-          f"checkpoint {manifest['checkpoint']['file']} (sha256 {manifest['checkpoint']['sha256'][:16]})")
+    files = manifest["files"]
+    if is_multi(manifest):
+        bb, models = manifest["backbone"], manifest["models"]
+        print(f"multi-model engine {args.engine}: {len(models)} models on one backbone {bb['timm']} (L={bb['layers']}, "
+              f"D={bb['dim']}, sha256 {bb['sha256'][:16]}); max batch {manifest['max_batch']} per backbone call; "
+              f"built {manifest['created_utc']} with torch {manifest['versions']['torch']}")
+        rows = [("model", "T -> T_out", "C", "grid", "p", "steps/day", "sequence", "checkpoint", "max rel err")]
+        for n, m in models.items():
+            c = m["config"]
+            errs = ", ".join(f"{b} {e['parity']['max_rel_err']:.2e}" for b, e in m["backends"].items()) or "-"
+            rows.append((n, f"{c['history']} -> {c['horizon']}", str(c["channels"]), f"{c['height']}x{c['width']}",
+                         str(c["patch"]), str(c["steps_per_day"]), str(m["sequence_length"]), m["checkpoint"]["file"],
+                         errs))
+        _print_table(rows)
+        print()
+        weights_file = bb["weights"]
+    else:
+        c = manifest["config"]
+        print(f"engine {args.engine}: {c['backbone']} (L={c['backbone_layers']}), T={c['history']} -> {c['horizon']}, "
+              f"C={c['channels']}, grid {c['height']}x{c['width']}, p={c['patch']}, steps_per_day={c['steps_per_day']}")
+        print(f"max batch {manifest['max_batch']}; built {manifest['created_utc']} with torch "
+              f"{manifest['versions']['torch']}; checkpoint {manifest['checkpoint']['file']} "
+              f"(sha256 {manifest['checkpoint']['sha256'][:16]})")
+        weights_file = WEIGHTS_NAME
     rows = [("backend", "file", "precision", "device", "max rel err", "tolerance", "size", "build s", "runs here")]
     notes = []
     for name, e in manifest["backends"].items():
         own = BACKENDS[name].files if name in BACKENDS else (e["file"],)
         size = sum(f["bytes"] for k, f in files.items() if any(k == n or k.startswith(n + ".") for n in own))
         why = BACKENDS[name].why_not_run(e["device"]) if name in BACKENDS else f"unknown backend {name!r}"
-        rows.append((name, e["file"], e["precision"], e["device"], f"{e['parity']['max_rel_err']:.2e}",
-                     f"{e['parity']['tolerance']:g}", _human_bytes(size), f"{e['build_seconds']:.1f}",
+        err, tol = ((f"{e['parity']['max_rel_err']:.2e}", f"{e['parity']['tolerance']:g}") if "parity" in e
+                    else ("per model", "-"))  # a multi-model engine's parity is per model (table above)
+        rows.append((name, e["file"], e["precision"], e["device"], err, tol, _human_bytes(size),
+                     f"{e['build_seconds']:.1f}" + (f" (cache {e['cache']})" if "cache" in e else ""),
                      "yes" if why is None else "no"))
         if why:
             notes.append(f"{name}: {why}")
-    weights = _human_bytes(files.get(WEIGHTS_NAME, {}).get("bytes", 0))
-    for name in names(artifact=False):
+    weights = _human_bytes(files.get(weights_file, {}).get("bytes", 0))
+    for name in names(artifact=False, multi_model=is_multi(manifest)):
         spec = BACKENDS[name]
         why = spec.why_not_run("cpu")
-        rows.append((name, WEIGHTS_NAME, "/".join(spec.precisions), "/".join(spec.devices), "-", "-",
-                     weights, "-", "yes" if why is None else "no"))
+        rows.append((name, weights_file, "fp32" if is_multi(manifest) else "/".join(spec.precisions),
+                     "/".join(spec.devices), "-", "-", weights, "-", "yes" if why is None else "no"))
         if why:
             notes.append(f"{name}: {why}")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    _print_table(rows)
     for n in notes:
         print(n)
     if default := manifest.get("default"):
@@ -87,6 +124,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.verify:
         print(f"all {len(files)} files match their sha256 in the manifest")
     return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 def _status_text(status) -> str:
@@ -140,9 +183,22 @@ def register(sub) -> None:
                     "  stvfm-engine build tiny.pt -o tiny.engine\n"
                     "  stvfm-engine build bike.pt -o bike.engine --backends onnxruntime --max-batch 16\n"
                     "  stvfm-engine build city.pt -o city.engine --device cuda --precision bf16\n"
-                    "  stvfm-engine build bike.pt -o bike.engine --precision auto --calib-data ../shared/data/nyc/NYBike_flow")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by 'stvfm-engine init' or 'train'")
+                    "  stvfm-engine build bike.pt -o bike.engine --precision auto --calib-data ../shared/data/nyc/NYBike_flow\n\n"
+                    "Several checkpoints that share one frozen backbone (bit for bit) make one multi-model engine:\n"
+                    "the backbone is stored and built once, each model's own parts (pre: normalise, flow, token\n"
+                    "adapters; post: prompt coordination, head) apart, each model parity-gated against its own\n"
+                    "reference; fp32 only. Artifacts are cached by content, so a rebuild after retraining one model\n"
+                    "re-exports only that model's parts:\n"
+                    "  stvfm-engine build bike.pt taxi.pt -o nyc.engine [--names bike,taxi]")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="+",
+                   help="checkpoint written by 'stvfm-engine init' or 'train'; several that share one backbone "
+                        "make a multi-model engine")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to (re)place")
+    p.add_argument("--names", metavar="LIST", help="multi-model: comma-separated model names, one per checkpoint "
+                                                   "(default: the checkpoints' file stems)")
+    p.add_argument("--cache-dir", metavar="DIR", help="multi-model: build cache of backbone and parts artifacts "
+                                                      "(default $XDG_CACHE_HOME/stvfm-engine or ~/.cache/stvfm-engine)")
+    p.add_argument("--no-cache", action="store_true", help="multi-model: build every artifact, use no cache")
     p.add_argument("--backends", metavar="LIST",
                    help=f"comma-separated subset of {','.join(names(artifact=True))} (default: all this machine can build)")
     p.add_argument("--precision", default="fp32", choices=[*sorted(PRECISIONS), "auto"],

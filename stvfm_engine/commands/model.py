@@ -51,9 +51,24 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     config = from_preset(args.preset, **_config_overrides(args))
     model = build_model(config, seed=args.seed)
+    _load_backbone_weights(model, args.backbone_weights)
     save_checkpoint(model, args.output)
     print(json.dumps({"checkpoint": str(args.output), "config": model.config.to_dict()}))
     return 0
+
+
+def _backbone_weights_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--backbone-weights", metavar="FILE",
+                   help="local pretrained timm backbone weights (.safetensors, or a torch file read with "
+                        f"weights_only=True){what}")
+
+
+def _load_backbone_weights(model, path) -> None:
+    from stvfm_engine.model.train import load_backbone_weights
+
+    if path:
+        n = load_backbone_weights(model, path)
+        print(f"loaded {n} backbone tensors from {path}", file=sys.stderr)
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -70,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stvfm_engine.model.config import from_preset
     from stvfm_engine.model.data import load_flow_data
     from stvfm_engine.model.stvfm import build_model
-    from stvfm_engine.model.train import load_backbone_weights, test_metrics, train
+    from stvfm_engine.model.train import test_metrics, train
 
     data = load_flow_data(args.data)
     C, (H, W) = data.channels, data.grid
@@ -84,9 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = from_preset(args.preset, channels=C, height=H, width=W, start_dow=args.start_dow)
         model = build_model(config, seed=args.seed)
-    if args.backbone_weights:
-        n = load_backbone_weights(model, args.backbone_weights)
-        print(f"loaded {n} backbone tensors from {args.backbone_weights}", file=sys.stderr)
+    _load_backbone_weights(model, args.backbone_weights)
     model.set_normalization(*data.normalization())
     result = train(model, data, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                    seed=args.seed, eval_every=args.eval_every, progress=not args.quiet)
@@ -125,6 +138,7 @@ def register(sub) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration (default: tiny)")
     _config_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    _backbone_weights_option(p, "; checkpoints given the same file share one backbone (a multi-model engine)")
     p.add_argument("-o", "--output", required=True, metavar="CKPT", help="checkpoint file to write")
     p.set_defaults(func=cmd_init)
 
@@ -149,8 +163,7 @@ def register(sub) -> None:
     p.add_argument("--start-dow", type=int, default=None, choices=range(7), metavar="D",
                    help="day of week of the data's first step, 0=Monday (default: the --init checkpoint's, "
                         "else 0); stored in the checkpoint")
-    p.add_argument("--backbone-weights", metavar="FILE",
-                   help="local pretrained timm backbone weights (.safetensors, or a torch file read with weights_only=True)")
+    _backbone_weights_option(p, "")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, metavar="CKPT", help="checkpoint file to write")
     p.set_defaults(func=cmd_train)

@@ -42,13 +42,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = Engine.load(args.engine, backend=args.backend, precision=args.precision, device=args.device,
                          threads=args.threads)
     t0 = time.perf_counter()
-    y = engine.predict(arrays["x"], arrays.get("tod"), arrays.get("dow"))
+    y = engine.predict(arrays["x"], arrays.get("tod"), arrays.get("dow"), model=args.model)
     seconds = time.perf_counter() - t0
     with atomic_path(args.output, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, y=y)
     print(json.dumps({"output": args.output, "backend": engine.backend, "precision": engine.precision,
-                      "device": engine.device, "shape": list(y.shape), "seconds": round(seconds, 6)}))
+                      "device": engine.device, **({"model": args.model} if args.model else {}),
+                      "shape": list(y.shape), "seconds": round(seconds, 6)}))
     return 0
 
 
@@ -61,6 +62,7 @@ def register(sub) -> None:
     p.add_argument("engine", metavar="DIR", help="engine directory written by 'stvfm-engine build'")
     p.add_argument("--input", required=True, metavar="IN.npz")
     p.add_argument("--output", required=True, metavar="OUT.npz")
+    p.add_argument("--model", metavar="NAME", help="which model of a multi-model engine (see 'stvfm-engine inspect DIR')")
     p.add_argument("--backend", choices=names(), help="default: the fastest available")
     p.add_argument("--precision", help="must match the artifact's (eager/triton: any of fp32, bf16, fp16)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: the artifact's)")
