@@ -112,7 +112,7 @@ def export_repository(directory: str | os.PathLike, repo: str | os.PathLike, pla
             raise ServeError(f"{engine.directory} holds several models; --platform {platform} exports one model's "
                              "artifact: use --platform python")
         files = [f for f in engine.manifest["files"] if f == entry["file"] or f.startswith(entry["file"] + ".")]
-        gpu = platform == "tensorrt" or entry["device"].startswith("cuda")
+        gpu = "cpu" not in BACKENDS[platform].devices or entry["device"].startswith("cuda")
     out = []
     for model in models:
         target = Path(repo) / model.name
@@ -124,6 +124,7 @@ def export_repository(directory: str | os.PathLike, repo: str | os.PathLike, pla
                 engine_copy = version / "engine"
                 engine_copy.mkdir()
                 for f in [MANIFEST_NAME, *engine.manifest["files"]]:
+                    (engine_copy / f).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(engine.directory / f, engine_copy / f)
                 params = {**model.load_parameters(), "engine_dir": "engine", "backend": backend or "auto"}
                 params.pop("threads", None)
