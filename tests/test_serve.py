@@ -1,10 +1,11 @@
 """`stvfm-engine serve` on the Triton Inference Server bundled with nvidia-pytriton, `export-triton`, the
 Python client and `bench --url`.
 
-Two odd random-weight engines (a 13x7 grid with C=3, p=2, T=5, horizon 2, time inputs; and a 6x5 grid
-with C=1, p=3, no time inputs) are served by one server; every answer is compared with
-`Engine.predict` of the same directory on fresh random inputs (relative error <= 1e-6), over HTTP and
-gRPC, alone, 16 clients at a time, and with malformed requests in flight.
+Three random-weight engine directories of odd configurations are served by one server: a 13x7 grid with
+C=3, p=2, T=5, horizon 2 and time inputs; a 6x5 grid with C=1, p=3 and no time inputs; and a multi-model
+directory (models `north` and `south` on one backbone). Every answer is compared with `Engine.predict`
+of the same directory on fresh random inputs (relative error <= 1e-6), over HTTP and gRPC, alone, 16
+clients at a time, and with malformed requests in flight.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import pytest
 
 from helpers import ServerProcess, free_ports, random_inputs, rel_err, write_checkpoint
 from stvfm_engine.cli import main
-from stvfm_engine.engine import Engine, reference_model
+from stvfm_engine.engine import Engine
 from stvfm_engine.errors import InputError, ServeError
 from stvfm_engine.export.build import build_engine
+from stvfm_engine.export.multi_build import build_multi_engine
+from stvfm_engine.model.checkpoint import load_model
 from stvfm_engine.model.config import STVFMConfig
 
 pytest.importorskip("tritonclient", reason="the serve extra is not installed: pip install 'stvfm-engine[serve]'")
@@ -41,30 +44,49 @@ MAX_BATCH = 8
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
+    """Engine directories named as the models they serve: ``odd``, ``notime``, ``regions`` (north, south)."""
     root = tmp_path_factory.mktemp("serve")
-    out = {}
+    out, ckpts = {}, {}
     for name, config in (("odd", ODD), ("notime", NOTIME)):
-        write_checkpoint(root / f"{name}.pt", config, seed=3)
-        out[name] = build_engine(root / f"{name}.pt", root / f"{name}.engine", backends=["onnxruntime"],
-                                 max_batch=MAX_BATCH, progress=False)
+        ckpts[name] = write_checkpoint(root / f"{name}.pt", config, seed=3)
+        out[name] = build_engine(ckpts[name], root / name, backends=["onnxruntime"], max_batch=MAX_BATCH,
+                                 progress=False)
+    # one backbone (same seed), two models told apart by their normalisation
+    for name, mean in (("north", [2.0, 5.0, 1.0]), ("south", [9.0, 3.0, 6.0])):
+        ckpts[name] = write_checkpoint(root / f"{name}.pt", ODD, seed=5, mean=mean, std=[1.5, 4.0, 2.5])
+    out["regions"] = build_multi_engine([ckpts["north"], ckpts["south"]], root / "regions", backends=["onnxruntime"],
+                                        max_batch=MAX_BATCH, progress=False, cache_dir=root / "cache")
+    out["checkpoints"] = ckpts
     return out
+
+
+class ModelOf:
+    """``Engine.predict`` of one model of a directory (``model=`` where it holds several)."""
+
+    def __init__(self, engine, name=None):
+        self.engine, self.name = engine, name
+        self.config = engine.models[name] if name else engine.config
+
+    def predict(self, x, tod=None, dow=None):
+        return self.engine.predict(x, tod, dow, model=self.name)
 
 
 @pytest.fixture(scope="module")
 def direct(engines):
-    """Engine.predict of each served directory (the answers the server must give) and input makers."""
+    """Per served model: what the server must answer (``Engine.predict``) and a maker of fresh inputs."""
     out = {}
-    for name, path in engines.items():
-        engine = Engine.load(path, backend="onnxruntime", threads=1)
-        ref = reference_model(path)
-        out[name] = (engine, lambda batch, rng, ref=ref: random_inputs(ref, batch, rng))
+    for name in ("odd", "notime", "regions"):
+        engine = Engine.load(engines[name], backend="onnxruntime", threads=1)
+        for key in (("north", "south") if name == "regions" else (None,)):
+            ref = load_model(engines["checkpoints"][key or name])
+            out[key or name] = (ModelOf(engine, key), lambda batch, rng, ref=ref: random_inputs(ref, batch, rng))
     return out
 
 
 @pytest.fixture(scope="module")
 def server(engines):
     http, grpc, metrics = free_ports(3)
-    proc = ServerProcess(["serve", str(engines["odd"]), str(engines["notime"]), "--name", "odd", "--name", "notime",
+    proc = ServerProcess(["serve", str(engines["odd"]), str(engines["notime"]), str(engines["regions"]),
                           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                           "--threads", "1", "--max-queue-delay-ms", "20"])
     proc.wait_ready(timeout_s=240)
@@ -74,7 +96,7 @@ def server(engines):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("model", ["odd", "notime"])
+@pytest.mark.parametrize("model", ["odd", "notime", "north", "south"])
 def test_answers_equal_engine_predict(server, direct, protocol, model):
     engine, make = direct[model]
     rng = np.random.default_rng(len(protocol) * 10 + len(model))
@@ -191,7 +213,7 @@ def test_malformed_requests_in_flight_get_errors_others_answers(server, direct):
 def test_batch_runner_answers_each_request_of_a_mixed_batch(direct):
     """The step every server runs on a batch: bad requests are answered alone, the rest stacked."""
     engine, make = direct["odd"]
-    runner = BatchRunner(engine)
+    runner = BatchRunner(engine.engine)
     rng = np.random.default_rng(5)
     good = [make(b, rng) for b in (1, 3, 4, 2)]  # 10 samples: two predict calls of <= 8
     bad_x = good[0][0].copy()
@@ -205,28 +227,15 @@ def test_batch_runner_answers_each_request_of_a_mixed_batch(direct):
     assert (runner.inferences, runner.executions) == (10, 2)
 
 
-def test_multi_model_directory_serves_each_model_by_its_name(direct):
-    """A multi-model engine (``.models`` and ``predict(..., model=NAME)``) becomes one served model per
-    model; here that API is put over a real engine."""
-    engine, make = direct["odd"]
-    called = []
-
-    class TwoModels:
-        directory, backend, precision, threads = engine.directory, engine.backend, engine.precision, engine.threads
-        config, max_batch, models = engine.config, engine.max_batch, {"north": ODD, "south": ODD}
-
-        def predict(self, x, tod=None, dow=None, model=None):
-            called.append(model)
-            return engine.predict(x, tod, dow)
-
-    served = models_of(TwoModels())
+def test_multi_model_directory_serves_each_model_by_its_name(engines, direct, capsys):
+    served = models_of(Engine.load(engines["regions"], backend="onnxruntime"))
     assert [(m.name, m.key) for m in served] == [("north", "north"), ("south", "south")]
     assert served[1].load_parameters()["model_key"] == "south"
-    x, tod, dow = make(2, np.random.default_rng(4))
-    (y,) = BatchRunner(TwoModels(), "south").run([(x, tod, dow)])
-    assert called == ["south"] and rel_err(y, engine.predict(x, tod, dow)) <= 1e-6
-    with pytest.raises(ServeError, match="drop --name"):
-        models_of(TwoModels(), "renamed")
+    x, tod, dow = direct["north"][1](2, np.random.default_rng(4))
+    north, south = direct["north"][0].predict(x, tod, dow), direct["south"][0].predict(x, tod, dow)
+    assert rel_err(north, south) > 1e-2  # the server's answers above tell the two apart
+    assert main(["serve", str(engines["regions"]), "--name", "renamed"]) == 2
+    assert "drop --name" in capsys.readouterr().err
 
 
 def test_bench_url_load_test(server, engines, tmp_path):
@@ -321,11 +330,11 @@ def test_export_triton_refusals_are_one_line(engines, tmp_path, capsys):
     assert main(["export-triton", str(engines["odd"]), "-o", str(tmp_path / "r"), "--platform", "tensorrt"]) == 2
     err = capsys.readouterr().err
     assert "holds no tensorrt artifact" in err and err.count("\n") == 1
-    (tmp_path / "r" / "odd.engine").mkdir(parents=True)
-    (tmp_path / "r" / "odd.engine" / "keep.txt").write_text("not a Triton model")
+    (tmp_path / "r" / "odd").mkdir(parents=True)
+    (tmp_path / "r" / "odd" / "keep.txt").write_text("not a Triton model")
     assert main(["export-triton", str(engines["odd"]), "-o", str(tmp_path / "r")]) == 2
     assert "refusing to replace" in capsys.readouterr().err
-    assert (tmp_path / "r" / "odd.engine" / "keep.txt").is_file()
+    assert (tmp_path / "r" / "odd" / "keep.txt").is_file()
 
 
 @pytest.mark.slow

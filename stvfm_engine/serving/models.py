@@ -76,13 +76,17 @@ def served_models(directories: Sequence[str | os.PathLike], names: Optional[Sequ
 
 
 def models_of(engine: Engine, name: Optional[str] = None) -> list[ServedModel]:
-    """The models of a loaded engine: a multi-model directory's by their own names, a single-model one
-    named ``name`` or after its directory."""
+    """The models of a loaded engine: a multi-model directory's by their own names (``engine.models``),
+    the one model of a one-model directory named ``name`` or after its directory."""
     path = Path(engine.directory).absolute()
-    models = getattr(engine, "models", None)
-    if models and name:
-        raise ServeError(f"{path} holds several models ({', '.join(models)}), served by their own names: drop --name")
-    entries = models.items() if models else [(None, engine.config)]
+    models = getattr(engine, "models", None) or {}
+    if len(models) > 1:
+        if name:
+            raise ServeError(f"{path} holds several models ({', '.join(models)}), served by their own names: "
+                             "drop --name")
+        entries = list(models.items())
+    else:
+        entries = [(None, engine.config)]  # predict() needs no model= then
     return [ServedModel(check_name(key if key is not None else name or path.name), str(path), key, engine.backend,
                         engine.precision, engine.threads, config, engine.max_batch) for key, config in entries]
 

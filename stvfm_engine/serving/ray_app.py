@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -31,7 +32,6 @@ class RayOptions:
     address: Optional[str] = None  # None: start a local Ray instance (and stop it at the end)
     replicas: int = 1
     max_queue_delay_ms: float = 20.0  # @serve.batch's wait; 2 ms batched poorly here (shared/docs/pitfalls.md)
-    num_cpus: Optional[int] = None  # of a local instance (None: all)
     ready_timeout_s: float = 300.0
 
 
@@ -140,8 +140,10 @@ def serve_ray(models: Sequence[ServedModel], options: RayOptions = RayOptions())
 
     local = options.address is None
     log("starting a local Ray instance" if local else f"connecting to Ray at {options.address}")
-    ray.init(address=options.address, num_cpus=options.num_cpus if local else None, include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False)
+    # each model replica reserves one CPU (Serve's default): a local instance has at least that many
+    num_cpus = max(os.cpu_count() or 1, len(models) * options.replicas) if local else None
+    ray.init(address=options.address, num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     host = loopback(options.host)
     try:
