@@ -251,6 +251,11 @@ def test_bench_url_load_test(server, engines, tmp_path):
     assert row["concurrency"] == 2 and row["errors"] == 0 and row["offline_throughput"] > 0
     assert {"device", "versions", "date", "command"} <= set(saved)  # the header every bench result carries
     assert "serving_cost_ms" not in saved  # no concurrency-1 level here
+    # one model of a multi-model directory, offline through Engine.predict(model=)
+    assert main(["bench", str(engines["regions"]), "--url", server["http"], "--model", "south", "--concurrency", "1",
+                 "--duration", "0.5", "--iters", "2", "--metrics-url", server["metrics"], "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["errors"] == 0 and "serving_cost_ms" in saved
 
 
 def test_bench_url_refuses_other_machines():

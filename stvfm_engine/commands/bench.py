@@ -36,10 +36,34 @@ model is timed offline with Engine.predict at the server's mean batch for compar
 """
 
 
+def _progress(args: argparse.Namespace):
+    """``log(line)``: progress on stderr, unless --quiet."""
+    return (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr))
+
+
+def _one_batch(args: argparse.Namespace, mode: str) -> int:
+    """The single --batch (samples per request, default 1) that --mix and --url take."""
+    from stvfm_engine.bench.runner import BenchError, parse_list
+
+    batches = parse_list(args.batch or "1", int)
+    if len(batches) != 1 or batches[0] < 1:
+        raise BenchError(f"{mode} takes one --batch (samples per request, >= 1), got {args.batch!r}")
+    return batches[0]
+
+
+def _save(report: dict, args: argparse.Namespace, log) -> None:
+    """--json OUT, written atomically."""
+    from stvfm_engine.bench.report import write_json
+
+    if args.json:
+        write_json(report, args.json)
+        log(f"JSON written to {args.json}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from stvfm_engine.bench.report import format_table, write_json
+    from stvfm_engine.bench.report import format_table
     from stvfm_engine.bench.runner import BenchError, open_targets, parse_list, run_bench
     from stvfm_engine.engine.timing import Schedule
 
@@ -61,7 +85,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise BenchError("--plot needs matplotlib: pip install 'stvfm-engine[plot]'") from None
-    log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr))
+    log = _progress(args)
     threads = args.threads or torch.get_num_threads()
     with open_targets(args.target, backends, precisions, threads, args.device, progress=not args.quiet) as (variants, ref_dir):
         config = None
@@ -83,9 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            stage_iters=args.stage_iters, alone=args.alone, command=["stvfm-engine", "bench", *sys.argv[2:]]
                            if sys.argv[1:2] == ["bench"] else None, log=log)
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        log(f"JSON written to {args.json}")
+    _save(result, args, log)
     if args.plot:
         from stvfm_engine.bench.plot import plot_report
 
@@ -96,56 +118,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_mix(args: argparse.Namespace) -> int:
     from stvfm_engine.bench.mix import format_mix, run_mix
-    from stvfm_engine.bench.report import write_json
     from stvfm_engine.bench.runner import BenchError, parse_list
     from stvfm_engine.engine.timing import Schedule
 
-    batches = parse_list(args.batch or "1", int)
-    if len(batches) != 1 or batches[0] < 1:
-        raise BenchError(f"--mix takes one --batch (samples per request, >= 1), got {args.batch!r}")
+    batch = _one_batch(args, "--mix")
     if args.iters < 1 or args.warmup < 0:
         raise BenchError("--iters must be >= 1 and --warmup >= 0")
-    log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr))
+    log = _progress(args)
     result = run_mix(args.target[0], args.mix, singles=args.target[1:], backends=parse_list(args.backends),
-                     batch=batches[0], schedule=Schedule.for_iters(args.iters, args.warmup), threads=args.threads,
+                     batch=batch, schedule=Schedule.for_iters(args.iters, args.warmup), threads=args.threads,
                      measure_memory=not args.no_memory, command=["stvfm-engine", "bench", *sys.argv[2:]]
                      if sys.argv[1:2] == ["bench"] else None, log=log)
     print(format_mix(result))
-    if args.json:
-        write_json(result, args.json)
-        log(f"JSON written to {args.json}")
+    _save(result, args, log)
     return 0
 
 
 def _bench_url(args: argparse.Namespace) -> int:
     """``bench --url``: the load test of a running server (bench.load), optionally against ``Engine.predict``."""
     from stvfm_engine.bench.load import LoadError, format_load_table, offline_timer, run_load
-    from stvfm_engine.bench.report import header, write_json
+    from stvfm_engine.bench.report import header
     from stvfm_engine.bench.runner import make_inputs, parse_list
     from stvfm_engine.engine import Engine
 
-    batch = parse_list(args.batch or "1", int)
+    batch = _one_batch(args, "--url")
     if not args.model:
         raise LoadError("--url needs --model NAME (the served model's name)")
-    if len(batch) != 1 or len(args.target) > 1:
-        raise LoadError("--url takes one --batch size (samples per request) and at most one engine DIR to compare with")
-    log = (lambda s: None) if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr))
+    if len(args.target) > 1:
+        raise LoadError("--url compares with at most one engine DIR")
+    log = _progress(args)
     engine = Engine.load(args.target[0], threads=args.threads) if args.target else None
     arrays = offline = None
     if engine is not None:  # requests like bench's own inputs, and Engine.predict timed after each level
-        arrays = {k: v for k, v in zip(("x", "tod", "dow"), make_inputs(engine.config, batch[0])) if v is not None}
-        offline = offline_timer(engine.predict, lambda b: make_inputs(engine.config, b), args.iters, args.warmup)
+        key = args.model if len(engine.models) > 1 else None  # the served model of a multi-model DIR
+        if key is not None and key not in engine.models:
+            raise LoadError(f"{engine.directory} holds no model {key!r}; its models: {list(engine.models)}")
+        config = engine.models[key] if key else engine.config
+        arrays = {k: v for k, v in zip(("x", "tod", "dow"), make_inputs(config, batch)) if v is not None}
+        offline = offline_timer(lambda *a: engine.predict(*a, model=key), lambda b: make_inputs(config, b),
+                                args.iters, args.warmup)
     command = ["stvfm-engine", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None
     report = {**header("cpu", command), **run_load(args.url, args.model, parse_list(args.concurrency, int),
-                                                   args.duration, batch[0], args.metrics_url, arrays,
+                                                   args.duration, batch, args.metrics_url, arrays,
                                                    args.requests, offline=offline, log=log)}
     if engine is not None:
         report["offline_engine"] = {"directory": str(engine.directory), "backend": engine.backend,
                                     "precision": engine.precision, "threads": engine.threads}
     print(format_load_table(report))
-    if args.json:
-        write_json(report, args.json)
-        log(f"JSON written to {args.json}")
+    _save(report, args, log)
     return 0
 
 
