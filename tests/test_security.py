@@ -37,6 +37,7 @@ from stvfm_engine.engine import Engine
 from stvfm_engine.errors import CheckpointError, STVFMError
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.engine.manifest import EngineDirError, sha256_file
+from stvfm_engine.engine.registry import names
 from stvfm_engine.export.parity import ParityError, relative_error
 from stvfm_engine.model.checkpoint import checkpoint_dict, load_model, read_checkpoint, save_checkpoint
 from stvfm_engine.model.config import STVFMConfig
@@ -461,7 +462,7 @@ def test_command_errors_name_expected_and_found(world, tmp_path, capsys):
     cases = [
         (["build", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "e")], "not found (expected a file written by"),
         (["build", str(world["good"]), "-o", str(tmp_path / "e"), "--backends", "onnxruntime,bogus"],
-         "unknown backend 'bogus'; expected one of ['onnxruntime', 'aoti', 'tensorrt']"),
+         f"unknown backend 'bogus'; expected one of {list(names(artifact=True))}"),
         (["train", "--init", str(world["good"]), "--data", other, "--max-steps", "1", "-o", str(tmp_path / "t.pt")],
          "checkpoint expects C=2, grid 6x5;"),
         (["eval", str(world["good"]), "--data", str(tmp_path / "nothing")], "not found (expected"),
