@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Many models on one backbone, measured: 4 random-weight bike-sized models (vit_small_patch16_224.dino, all
-# 12 blocks) share one backbone. Writes bench/results/cpu-multi-model-{rebuild,mix}.json:
+# 12 blocks) share one backbone. Writes bench/results/cpu-multi-model-rebuild.json and -mix-<N>thread.json:
 #   - first build with an empty cache vs the rebuild after "retraining" one model (new own weights, same
 #     backbone), twice (round 1 and 2, each from its own empty cache);
 #   - bench --mix: mixed traffic through predict_many vs the same requests through the 4 one-model engines,
 #     backbone calls per mixed batch, RSS added by each engine in a fresh process.
-# Usage: bench/multi_model.sh [WORKDIR] [THREADS]   (run from the repository root)
+# Usage: bench/multi_model.sh [WORKDIR] [THREADS...]   (run from the repository root; default threads: 1 2)
 set -euo pipefail
 W=${1:-/tmp/stvfm-multi-model}
-THREADS=${2:-1}
+THREADS=("${@:2}")
+[ ${#THREADS[@]} -eq 0 ] && THREADS=(1 2)
 S="stvfm-engine"
 OUT=bench/results
 mkdir -p "$W" "$OUT"
@@ -67,6 +68,10 @@ for c in "${CKPTS[@]}"; do
     name=$(basename "$c" .pt)
     $S build "$c" -o "$W/$name.engine" --backends onnxruntime --max-batch 16 -q > /dev/null
 done
-$S bench "$W/nyc4.engine" "$W/bike.engine" "$W/bike6h.engine" "$W/taxi.engine" "$W/taxi0.engine" \
-    --mix bike:8,bike6h:8,taxi:8,taxi0:8 --backends onnxruntime --threads "$THREADS" --iters 8 \
-    --json "$OUT/cpu-multi-model-mix.json"
+memory=()
+for t in "${THREADS[@]}"; do  # RSS (fresh processes) measured with the first thread count only
+    $S bench "$W/nyc4.engine" "$W/bike.engine" "$W/bike6h.engine" "$W/taxi.engine" "$W/taxi0.engine" \
+        --mix bike:8,bike6h:8,taxi:8,taxi0:8 --backends onnxruntime --threads "$t" --iters 12 "${memory[@]}" \
+        --json "$OUT/cpu-multi-model-mix-${t}thread.json"
+    memory=(--no-memory)
+done

@@ -14,7 +14,7 @@ from torch import nn
 
 from stvfm_engine.engine.precision import Precision, get_precision
 from stvfm_engine.model.config import MAX_TOKENS, STVFMConfig
-from stvfm_engine.model.stvfm import STVFM, FrozenViT
+from stvfm_engine.model.stvfm import STVFM
 
 OUTPUT_NAME = "y"
 TOKENS_NAME = "tokens"  # the backbone's input [N, L, D]: N = 2B sequences (raw then flow branch), L = P + n
@@ -75,37 +75,33 @@ def dynamic_shapes(config: STVFMConfig, max_batch: int) -> dict:
     return {name: {0: batch} for name in input_names(config)}
 
 
-class PreGraph(nn.Module):
-    """``forward(x[, tod, dow]) -> tokens [2B, P+n, D]``: one model's stages 0-3 and the prefix tokens (fp32)."""
+class _Part(nn.Module):
+    """A part of a model as a graph of its own (fp32, eval mode)."""
 
-    def __init__(self, model: STVFM):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.model = model.eval()
+        self.module = module.eval()
+
+
+class PreGraph(_Part):
+    """``forward(x[, tod, dow]) -> tokens [2B, P+n, D]``: one model's stages 0-3 and the prefix tokens."""
 
     def forward(self, x: torch.Tensor, tod: torch.Tensor | None = None, dow: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.backbone_input(x, tod, dow)
+        return self.module.backbone_input(x, tod, dow)
 
 
-class BackboneGraph(nn.Module):
-    """``forward(tokens [N, L, D]) -> h [N, L, D]``: the shared frozen backbone, for any N and L (fp32)."""
-
-    def __init__(self, backbone: FrozenViT):
-        super().__init__()
-        self.backbone = backbone.eval()
+class BackboneGraph(_Part):
+    """``forward(tokens [N, L, D]) -> h [N, L, D]``: the shared frozen backbone (a ``FrozenViT``), any N and L."""
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode(tokens)
+        return self.module.encode(tokens)
 
 
-class PostGraph(nn.Module):
-    """``forward(h [2B, P+n, D]) -> y [B, T_out, C, H, W]``: one model's stages 5-6 (fp32)."""
-
-    def __init__(self, model: STVFM):
-        super().__init__()
-        self.model = model.eval()
+class PostGraph(_Part):
+    """``forward(h [2B, P+n, D]) -> y [B, T_out, C, H, W]``: one model's stages 5-6."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.forecast(h)
+        return self.module.forecast(h)
 
 
 def backbone_example(model: STVFM, sequences: int = 4) -> torch.Tensor:

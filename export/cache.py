@@ -4,7 +4,12 @@ retraining a model (or adding one) skips the exports whose inputs did not change
 An entry is ``ROOT/<key[:2]>/<key>/``: the artifact's files and ``entry.json`` (what the key was made
 of, each file's sha256 and size). Each file is written atomically (temp + rename) and ``entry.json``
 last, so an entry counts only once it is complete. Every file is hash-checked after it is copied out:
-an entry that does not match (corrupt, truncated, edited) is deleted and rebuilt, never used.
+an entry that does not match (corrupt, truncated, edited) is deleted and rebuilt, never used. A record
+entry holds only ``entry.json`` with a JSON record: the parity gate a set of artifacts (named by their
+sha256) passed against a reference model (named by its weights' digest).
+
+The cache is trusted like the machine that builds: the hashes catch corruption, not someone who can
+write to the cache directory (as ``manifest.json``'s hashes do for an engine directory).
 """
 from __future__ import annotations
 
@@ -102,6 +107,28 @@ class BuildCache:
         record = {"key": key, "about": about, "roles": {r: p.name for r, p in roles.items()}, "files": table}
         with atomic_path(entry / ENTRY_NAME) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+    def load_record(self, key: str) -> Optional[dict[str, Any]]:
+        """The JSON record stored under ``key`` (:meth:`save_record`), or None; an unreadable entry is deleted."""
+        entry = self._entry(key)
+        try:
+            record = json.loads((entry / ENTRY_NAME).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if isinstance(record, dict) and record.get("key") == key and isinstance(record.get("record"), dict):
+            return record["record"]
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+    def save_record(self, key: str, record: dict[str, Any], about: dict[str, Any]) -> None:
+        """Store a JSON ``record`` (e.g. a passed parity gate) under ``key``."""
+        entry = self._entry(key)
+        entry.mkdir(parents=True, exist_ok=True)
+        with atomic_path(entry / ENTRY_NAME) as tmp:
+            tmp.write_text(json.dumps({"key": key, "about": about, "record": record}, indent=2) + "\n")
 
 
 def companions(paths: Iterable[Path]) -> list[Path]:

@@ -7,6 +7,7 @@ what they are built from is unchanged, so a rebuild after retraining one model r
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -140,7 +141,7 @@ def build_multi_engine(checkpoints: Sequence[str | os.PathLike], output_dir: str
             "backends": entries,
         }
         for b in chosen:
-            _parity_gate(b, manifest, ctx, ui)
+            _parity_gate(b, manifest, ctx, cache, {**common, "backend": b}, model_digests, ui)
         manifest["build_seconds"] = round(time.perf_counter() - started, 3)
         write_manifest(tmp, manifest)
     hits = sum(str(e.get("cache", "")).startswith("hit") for e in entries.values())
@@ -194,19 +195,47 @@ def _build_backend(name: str, ctx: MultiBuildContext, cache: Optional[BuildCache
     return entry
 
 
-def _parity_gate(name: str, manifest: dict, ctx: MultiBuildContext, ui: BuildProgress) -> None:
-    """Every model through the backend's runtime against its own fp32 reference (records it in the manifest)."""
+def _parity_gate(name: str, manifest: dict, ctx: MultiBuildContext, cache: Optional[BuildCache], common: dict,
+                 model_digests: dict[str, str], ui: BuildProgress) -> None:
+    """Every model through the backend's runtime against its own fp32 reference (recorded in the manifest).
+
+    A model whose exact artifacts (backbone and parts, by sha256) already passed the gate against the
+    same reference weights, with the same libraries, takes that recorded result from the cache
+    (``"cache": "hit"`` in its parity record) instead of running it again.
+    """
     spec, prec = BACKENDS[name], ctx.precision
     run_device = "cpu" if spec.portable and spec.why_not_run(ctx.device) else ctx.device
     manifest["backends"][name]["device"] = run_device
+    files = manifest["files"]
+    backbone_files = _artifact_hashes(files, [manifest["backends"][name]["file"]])
+    parts = None
     with ctx.stage(name, f"parity gate of {len(ctx.models)} models on {run_device}"):
-        request = MultiOpenRequest(ctx.directory, manifest["backends"][name], manifest["models"],
-                                   {n: m.config for n, m in ctx.models.items()}, prec, torch.device(run_device), None,
-                                   references=lambda: ctx.models)
-        parts = spec.impl().open_multi(request)
         for label, model in ctx.models.items():
-            runner = ModelRunner(parts, label, model.sequence_length)
             record = manifest["models"][label]["backends"][name]
-            record["parity"] = check_parity(f"{name} ({label})", runner, model, prec, ctx.max_batch)
+            about = {**common, "artifact": "parity", "run_device": run_device, "tolerance": prec.tolerance,
+                     "model": model_digests[label], "backbone_files": backbone_files,
+                     "parts_files": _artifact_hashes(files, [record["pre"], record["post"]])}
+            key = cache_key(**about)
+            result = cache.load_record(key) if cache is not None else None
+            if result is None:
+                if parts is None:
+                    request = MultiOpenRequest(ctx.directory, manifest["backends"][name], manifest["models"],
+                                               {n: m.config for n, m in ctx.models.items()}, prec,
+                                               torch.device(run_device), None, references=lambda: ctx.models)
+                    parts = spec.impl().open_multi(request)
+                result = check_parity(f"{name} ({label})", ModelRunner(parts, label, model.sequence_length), model,
+                                      prec, ctx.max_batch)
+                if cache is not None:
+                    with contextlib.suppress(OSError):  # a cache that cannot be written does not fail the build
+                        cache.save_record(key, result, about)
+                record["parity"] = {**result, "cache": "miss" if cache is not None else "off"}
+            else:
+                record["parity"] = {**result, "cache": "hit"}
+            how = "the recorded result of these artifacts" if record["parity"]["cache"] == "hit" else "run now"
             ui.note(f"{name} {label}: max relative error {record['parity']['max_rel_err']:.2e} "
-                    f"(tolerance {prec.tolerance:g})")
+                    f"(tolerance {prec.tolerance:g}; {how})")
+
+
+def _artifact_hashes(files: dict, names: list[str]) -> dict[str, str]:
+    """sha256 of each named file and its companions (``NAME.*``) from the manifest's file table, by file name."""
+    return {Path(f).name: rec["sha256"] for f, rec in files.items() for n in names if f == n or f.startswith(n + ".")}

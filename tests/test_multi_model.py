@@ -153,6 +153,9 @@ def test_adding_a_model_reuses_the_cached_backbone_and_parts(three):
     assert m["backends"]["onnxruntime"]["cache"] == "hit"
     assert {n: e["backends"]["onnxruntime"]["cache"] for n, e in m["models"].items()} == \
         {"bike": "hit", "taxi": "hit", "subway": "miss"}
+    # the same artifacts already passed the gate against the same weights: the recorded result is reused
+    assert {n: e["backends"]["onnxruntime"]["parity"]["cache"] for n, e in m["models"].items()} == \
+        {"bike": "hit", "taxi": "hit", "subway": "miss"}
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "eager"])
@@ -237,6 +240,8 @@ def test_rebuild_after_retraining_one_model_hits_the_cache_and_corrupt_entries_a
     m = read_manifest(out)
     assert m["backends"]["onnxruntime"]["cache"] == "hit"
     assert {n: e["backends"]["onnxruntime"]["cache"] for n, e in m["models"].items()} == {"bike": "miss", "taxi": "hit"}
+    assert m["models"]["bike"]["backends"]["onnxruntime"]["parity"]["cache"] == "miss"  # gated now
+    assert m["models"]["bike"]["backends"]["onnxruntime"]["parity"]["max_rel_err"] <= 1e-4
     x, tod, dow = inputs_for(world, "bike", 3, np.random.default_rng(5))
     y = Engine.load(out).predict(x, tod, dow, model="bike")
     assert rel_err(y, reference_output(retrained, x, tod, dow)) <= TOL
@@ -255,9 +260,10 @@ def test_rebuild_after_retraining_one_model_hits_the_cache_and_corrupt_entries_a
     assert rel_err(Engine.load(again).predict(x, tod, dow, model="bike"), y) <= TOL
     roles, status = BuildCache(cache).fetch(entries[0].name, tmp_path)  # the rebuilt entry is sound again
     assert status == "hit" and sha256_file(roles["file"]) == read_manifest(again)["files"]["backbone.onnx"]["sha256"]
-    off = build_multi_engine([tmp_path / "bike.pt", ck["taxi"]], tmp_path / "nocache.engine", max_batch=MAX_BATCH,
-                             use_cache=False, progress=False)
-    assert read_manifest(off)["backends"]["onnxruntime"]["cache"] == "off"
+    off = read_manifest(build_multi_engine([tmp_path / "bike.pt", ck["taxi"]], tmp_path / "nocache.engine",
+                                           max_batch=MAX_BATCH, use_cache=False, progress=False))
+    assert off["backends"]["onnxruntime"]["cache"] == "off"
+    assert {e["backends"]["onnxruntime"]["parity"]["cache"] for e in off["models"].values()} == {"off"}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -106,13 +106,15 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, scope: str = I
     return {"mode": "dynamic", "scope": scope, "per_channel": True, "quantized_nodes": len(nodes)}
 
 
-def session(path: Path, device: torch.device, threads: Optional[int]):
-    """An ONNX Runtime session on ``path`` with full graph optimisation, for ``device``."""
+def session(path: Path, device: torch.device, threads: Optional[int], arena: bool = True):
+    """An ONNX Runtime session on ``path`` with full graph optimisation, for ``device``; ``arena`` False: no
+    CPU memory arena (for the small per-model parts, whose arenas would hold more than their weights)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
@@ -172,8 +174,8 @@ class OnnxRuntimeParts(Parts):
     def __init__(self, request: MultiOpenRequest):
         d, device, threads = request.directory, request.device, request.threads
         self.backbone_session = session(d / request.entry["file"], device, threads)
-        self.sessions = {name: (session(d / m["backends"]["onnxruntime"]["pre"], device, threads),
-                                session(d / m["backends"]["onnxruntime"]["post"], device, threads))
+        self.sessions = {name: tuple(session(d / m["backends"]["onnxruntime"][part], device, threads, arena=False)
+                                     for part in ("pre", "post"))
                          for name, m in request.models.items()}
         self.names = {name: input_names(c) for name, c in request.configs.items()}
 
