@@ -6,7 +6,7 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +132,37 @@ class Engine:
                 raise InputError(f"request {i}: {e}") from None
         return self._run(checked)
 
+    def run_backbone(self, tokens: Any) -> np.ndarray:
+        """The shared backbone alone (a multi-model engine): ``tokens`` ``[N, L, D]`` float32 -> features of
+        the same shape, numpy. Sequences of any of the engine's lengths, ``N`` up to ``2 * max_batch``; a
+        server runs it in the one process that holds the backbone (see :meth:`share_backbone`)."""
+        parts = self._parts("run_backbone")
+        t = torch.as_tensor(np.asarray(tokens, dtype=np.float32) if isinstance(tokens, np.ndarray) else tokens)
+        lengths = sorted(set(self._lengths.values()))
+        if t.dim() != 3 or t.dtype != torch.float32 or int(t.shape[1]) not in lengths or \
+                not 1 <= int(t.shape[0]) <= 2 * self.max_batch:
+            raise InputError(f"tokens: expected float32 [N, L, D] with N in 1..{2 * self.max_batch} and L one of "
+                             f"{lengths}, got {t.dtype} {list(t.shape)}")
+        with self._lock or contextlib.nullcontext():
+            h = parts.backbone(t)
+        with self._count:
+            self.backbone_calls += 1
+        return h.cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h)
+
+    def share_backbone(self, backbone: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Route this multi-model engine's backbone passes through ``backbone(tokens) -> features`` (numpy
+        float32 ``[N, L, D]`` both), e.g. the engine of another process that holds the one backbone in
+        memory (``serve`` does this: every model's parts in their own workers, the backbone in one, where
+        Triton's dynamic batcher joins the backbone passes of different models). The backbone of this
+        engine is then never opened."""
+        self._runner = _SharedBackbone(self._parts("share_backbone"), backbone)
+
+    def _parts(self, what: str) -> Parts:
+        if not isinstance(self._runner, Parts):
+            raise STVFMError(f"{what}: {self.directory} is a one-model engine; only multi-model engines run their "
+                             "backbone apart")
+        return self._runner
+
     def _request(self, model: Optional[str], x: Any, tod: Any = None, dow: Any = None) -> Request:
         if model is None:
             if len(self.models) > 1:
@@ -161,6 +192,23 @@ class Engine:
     def __repr__(self) -> str:
         return (f"Engine({str(self.directory)!r}, backend={self.backend!r}, precision={self.precision!r}, "
                 f"device={self.device!r}, models={list(self.models)})")
+
+
+class _SharedBackbone(Parts):
+    """:class:`Parts` whose backbone pass is somebody else's (:meth:`Engine.share_backbone`)."""
+
+    def __init__(self, parts: Parts, backbone: Callable[[np.ndarray], np.ndarray]):
+        self._parts, self._backbone = parts, backbone
+        self.thread_safe, self.device = parts.thread_safe, parts.device
+
+    def pre(self, name, x, tod, dow) -> torch.Tensor:
+        return self._parts.pre(name, x, tod, dow)
+
+    def backbone(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self._backbone(tokens.cpu().numpy()))).to(self.device)
+
+    def post(self, name: str, h: torch.Tensor) -> np.ndarray:
+        return self._parts.post(name, h)
 
 
 def _open_multi(directory: Path, manifest: dict[str, Any], choice: Choice, entry: Optional[dict[str, Any]],

@@ -117,6 +117,28 @@ def test_the_backbone_is_held_once_by_the_eager_backend(world):
     assert blocks["bike"] is blocks["taxi"]
 
 
+def test_backbone_shared_with_another_engine(world):
+    """What ``serve`` does across processes: one engine runs only the backbone (``run_backbone``), another
+    only the models' parts (``share_backbone``); the answers stay those of the one-process engine, and
+    the parts-only engine never opens the backbone."""
+    holder = Engine.load(world["multi"], backend="onnxruntime", threads=1)
+    worker = Engine.load(world["multi"], backend="onnxruntime", threads=1)
+    whole = Engine.load(world["multi"], backend="onnxruntime", threads=1)
+    passes = []
+    worker.share_backbone(lambda tokens: passes.append(tokens.shape) or holder.run_backbone(tokens))
+    rng = np.random.default_rng(11)
+    requests = [("bike", *inputs_for(world, "bike", 2, rng)), ("taxi", inputs_for(world, "taxi", 3, rng)[0]),
+                ("bike", *inputs_for(world, "bike", 1, rng))]
+    for y, ref in zip(worker.predict_many(requests), whole.predict_many(requests)):
+        assert rel_err(y, ref) <= TOL
+    assert passes == [(6, 29, 192), (6, 16, 192)] and holder.backbone_calls == 2
+    assert ("", "backbone") not in worker._runner._parts._sessions  # lazily opened: never, here
+    with pytest.raises(InputError, match=r"tokens: expected float32 \[N, L, D\] with N in 1..12 and L one of \[16, 29\]"):
+        holder.run_backbone(np.ones((2, 17, 192), np.float32))
+    with pytest.raises(STVFMError, match="one-model engine"):
+        Engine.load(world["singles"]["bike"], backend="onnxruntime").run_backbone(np.ones((2, 29, 192), np.float32))
+
+
 def test_one_model_directory_keeps_working(world):
     d = world["singles"]["bike"]
     m = read_manifest(d)

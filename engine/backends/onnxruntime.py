@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -169,25 +170,39 @@ def build_parts(ctx: MultiBuildContext, name: str) -> dict[str, Path]:
 
 
 class OnnxRuntimeParts(Parts):
-    """One session for the shared ``backbone.onnx``, two (``pre``/``post``) per model."""
+    """One session for the shared ``backbone.onnx``, two (``pre``/``post``) per model, each opened on its
+    first use: a process that only runs the backbone (a server's shared backbone) or only some models'
+    parts (a server's per-model workers) holds only those sessions in memory."""
 
     def __init__(self, request: MultiOpenRequest):
-        d, device, threads = request.directory, request.device, request.threads
-        self.backbone_session = session(d / request.entry["file"], device, threads)
-        self.sessions = {name: tuple(session(d / m["backends"]["onnxruntime"][part], device, threads, arena=False)
-                                     for part in ("pre", "post"))
-                         for name, m in request.models.items()}
+        self._request = request
+        self._sessions: dict[tuple[str, str], Any] = {}
+        self._open = threading.Lock()
         self.names = {name: input_names(c) for name, c in request.configs.items()}
+
+    def _session(self, name: str, part: str):
+        key = (name, part)
+        if (s := self._sessions.get(key)) is None:
+            with self._open:
+                if (s := self._sessions.get(key)) is None:
+                    r = self._request
+                    if part == "backbone":
+                        s = session(r.directory / r.entry["file"], r.device, r.threads)
+                    else:
+                        s = session(r.directory / r.models[name]["backends"]["onnxruntime"][part], r.device,
+                                    r.threads, arena=False)
+                    self._sessions[key] = s
+        return s
 
     def pre(self, name, x, tod, dow) -> torch.Tensor:
         feeds = {n: to_numpy(v) for n, v in zip(self.names[name], (x, tod, dow))}
-        return torch.from_numpy(self.sessions[name][0].run([TOKENS_NAME], feeds)[0])
+        return torch.from_numpy(self._session(name, "pre").run([TOKENS_NAME], feeds)[0])
 
     def backbone(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.backbone_session.run([FEATURES_NAME], {TOKENS_NAME: to_numpy(tokens)})[0])
+        return torch.from_numpy(self._session("", "backbone").run([FEATURES_NAME], {TOKENS_NAME: to_numpy(tokens)})[0])
 
     def post(self, name: str, h: torch.Tensor) -> np.ndarray:
-        return self.sessions[name][1].run([OUTPUT_NAME], {FEATURES_NAME: to_numpy(h.contiguous())})[0]
+        return self._session(name, "post").run([OUTPUT_NAME], {FEATURES_NAME: to_numpy(h.contiguous())})[0]
 
 
 def open_multi(request: MultiOpenRequest) -> Parts:
