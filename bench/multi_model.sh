@@ -41,6 +41,7 @@ done
 
 python - "$W" "$OUT/cpu-multi-model-rebuild.json" <<'EOF'
 import json, os, platform, subprocess, sys, datetime
+from bench.report import device_info
 w, out = sys.argv[1], sys.argv[2]
 rounds = []
 for r in (1, 2):
@@ -54,10 +55,9 @@ sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=Tru
 report = {"what": "4 random-weight bike-sized models (vit_small_patch16_224.dino, 12 blocks) on one backbone: "
                   "first multi-model build with an empty cache vs the rebuild after retraining one model "
                   "(new own weights, same backbone), onnxruntime, max batch 16",
-          "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                      "load_avg_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()],
-                      "note": "shared machine, busy with other work: seconds are not comparable across runs; "
-                              "each ratio is of two builds run one after the other"},
+          "machine": {**device_info(), "load_avg_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()],
+                      "note": "each ratio is of two builds run one after the other; seconds are comparable "
+                              "only on the same machine at the same load"},
           "git_sha": sha, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "command": "bench/multi_model.sh", "rounds": rounds}
 json.dump(report, open(out, "w"), indent=2)

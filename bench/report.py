@@ -29,11 +29,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_family_model() -> Optional[str]:
+    """``family/model`` of /proc/cpuinfo (tells apart hosts whose model name is the same, e.g. "AMD EPYC":
+    25/1 is a Zen 3 without AVX-512, 25/17 a Zen 4 with avx512_bf16/vnni); None where unknown."""
+    try:
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in
+                Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)}
+        return f"{info['cpu family']}/{info['model']}"
+    except (OSError, KeyError):
+        return None
+
+
 def device_info(device: str = "cpu") -> dict:
     """The machine a result was measured on: CPU model, cores and ISA extensions; the GPU if used."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx2")))
     info = {"kind": "cpu", "name": cpu_model(), "cpu": cpu_model(), "cores": cores, "cpu_flags": flags,
+            "cpu_family_model": cpu_family_model(),
             "platform": platform.platform(),
             # other work on a shared machine distorts timings: record how busy it was
             "load_avg_1_5_15": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
