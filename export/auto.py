@@ -41,7 +41,7 @@ class Candidate:
 
     def row(self) -> dict[str, Any]:
         e = self.entry or {}
-        gate = (e.get("reduced_precision") or {}).get("gate") or {}
+        gate = e.get("task_gate") or (e.get("reduced_precision") or {}).get("gate") or {}
         return {"backend": self.backend, "precision": self.precision, "p50_ms": self.p50_ms,
                 "max_rel_err": (e.get("parity") or {}).get("max_rel_err"), "mae_loss": gate.get("mae_loss"),
                 "kept": self.kept, "why": self.why}

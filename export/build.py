@@ -2,8 +2,9 @@
 
 Each artifact backend of the registry (:mod:`stvfm_engine.engine.registry`) says whether it can build
 for a device and precision here and writes its artifact through the :class:`BuildContext`. Every
-artifact is then opened through the runtime's own backend and must pass the parity gate, and a
-reduced-precision one the task gate when data is given, before the directory is swapped into place.
+artifact is then opened through the runtime's own backend and must pass the parity gate and, when data
+is given, the task gate (test MAE vs the fp32 reference's; any precision), before the directory is
+swapped into place.
 """
 from __future__ import annotations
 
@@ -128,9 +129,10 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     ``backends``: artifact backends of the registry (None: all this machine can build for ``device`` at
     ``precision``). Every artifact must pass the parity gate (relative error within the precision's
     tolerance, :mod:`stvfm_engine.engine.precision`) against the fp32 reference, or the build fails and
-    ``output_dir`` is left as it was. ``progress`` shows rich progress on stderr. A reduced precision is
-    also gated on the forecasting task when ``calib_data`` (a data PREFIX) is given: test MAE within
-    ``max_mae_loss`` of fp32's (:mod:`stvfm_engine.export.gates`). ``precision="auto"`` builds every
+    ``output_dir`` is left as it was. ``progress`` shows rich progress on stderr. Every artifact is also
+    gated on the forecasting task when ``calib_data`` (a data PREFIX) is given: test MAE within
+    ``max_mae_loss`` of the fp32 reference's (:mod:`stvfm_engine.export.gates`; recorded in the
+    manifest entry as ``reduced_precision.gate``, or ``task_gate`` for fp32). ``precision="auto"`` builds every
     candidate this CPU can build, times those that pass their gates with ``threads`` threads and keeps
     the fastest of each backend, the fastest of all as the directory's default (:mod:`.auto`).
     """
@@ -211,17 +213,19 @@ def _build_one(name: str, ctx: BuildContext, ui: BuildProgress, calib_data: Opti
                                               None, reference=lambda: model, max_batch=ctx.max_batch))
         entry["parity"] = check_parity(name, runner, model, prec, ctx.max_batch)
     ui.note(f"{name}: max relative error {entry['parity']['max_rel_err']:.2e} (tolerance {prec.tolerance:g})")
+    gate = None
+    if calib_data is not None:  # every artifact, fp32 too: its MAE against the fp32 reference's, measured
+        with ctx.stage(name, f"task gate: test MAE vs the fp32 reference on {calib_data}"):
+            predict = lambda x, tod, dow: runner(*validate_inputs(model.config, ctx.max_batch, x, tod, dow))  # noqa: E731
+            gate = mae_gate(predict, model_forecaster(model), calib_data, model.config, prec.name, max_mae_loss,
+                            batch_size=min(64, ctx.max_batch))
+        ui.note(f"{name}: test MAE {gate['mae']:.4f} vs fp32 {gate['mae_fp32']:.4f} ({100 * gate['mae_loss']:+.2f}%)")
     if prec.reduced:
-        if calib_data is None:
+        if gate is None:
             gate = {"gate": "relative_error", "note": "no --calib-data: the parity gate at the "
                                                       f"{prec.name} tolerance decides"}
-        else:
-            with ctx.stage(name, f"task gate: test MAE vs fp32 on {calib_data}"):
-                predict = lambda x, tod, dow: runner(*validate_inputs(model.config, ctx.max_batch, x, tod, dow))  # noqa: E731
-                gate = mae_gate(predict, model_forecaster(model), calib_data, model.config, prec.name, max_mae_loss,
-                                batch_size=min(64, ctx.max_batch))
-            ui.note(f"{name}: test MAE {gate['mae']:.4f} vs fp32 {gate['mae_fp32']:.4f} "
-                              f"({100 * gate['mae_loss']:+.2f}%)")
         entry["reduced_precision"] = {**artifact.details, "gate": gate}
+    elif gate is not None:
+        entry["task_gate"] = gate
     entry["build_seconds"] = round(seconds, 3)
     return entry

@@ -178,8 +178,8 @@ def register(sub) -> None:
         description="Build DIR from CKPT: manifest.json, weights.safetensors and one artifact per backend\n"
                     "(model.onnx, model.xml, model.pt2, model.plan). Every artifact must match the fp32 reference\n"
                     "on fresh random inputs (relative error <= 1e-4 fp32, <= 2e-2 bf16/fp16, <= 5e-2 int8) or the\n"
-                    "build fails; with --calib-data a reduced precision must also keep the test MAE within\n"
-                    "--max-mae-loss of fp32's. DIR is replaced atomically, and a failed build leaves it as it was.\n\n"
+                    "build fails; with --calib-data every artifact must also keep the test MAE within\n"
+                    "--max-mae-loss of the fp32 reference's (int8 calibrates on its train windows). DIR is replaced atomically, and a failed build leaves it as it was.\n\n"
                     "  stvfm-engine build tiny.pt -o tiny.engine\n"
                     "  stvfm-engine build bike.pt -o bike.engine --backends onnxruntime --max-batch 16\n"
                     "  stvfm-engine build city.pt -o city.engine --device cuda --precision bf16\n"
@@ -208,10 +208,10 @@ def register(sub) -> None:
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="--precision auto: threads the candidates are timed with (default: torch's)")
     p.add_argument("--calib-data", metavar="PREFIX",
-                   help="reduced precisions: gate on the test MAE of PREFIX_{train,val,test}.npz "
-                        "(refused beyond --max-mae-loss vs fp32)")
+                   help="gate every artifact on the test MAE of PREFIX_{train,val,test}.npz (refused beyond "
+                        "--max-mae-loss vs the fp32 reference); int8 calibrates on its train windows")
     p.add_argument("--max-mae-loss", type=float, default=0.01,
-                   help="reduced precisions: allowed relative test-MAE loss vs fp32 (default 0.01)")
+                   help="allowed relative test-MAE loss vs the fp32 reference (default 0.01)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
                    help="every artifact accepts batches 1..N (default 64)")
