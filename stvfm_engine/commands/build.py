@@ -179,7 +179,7 @@ def register(sub) -> None:
                     "(model.onnx, model.xml, model.pt2, model.plan). Every artifact must match the fp32 reference\n"
                     "on fresh random inputs (relative error <= 1e-4 fp32, <= 2e-2 bf16/fp16, <= 5e-2 int8) or the\n"
                     "build fails; with --calib-data every artifact must also keep the test MAE within\n"
-                    "--max-mae-loss of the fp32 reference's (int8 calibrates on its train windows). DIR is replaced atomically, and a failed build leaves it as it was.\n\n"
+                    "--max-mae-loss of the fp32 reference's (int8 calibrates on its train windows).\nDIR is replaced atomically, and a failed build leaves it as it was.\n\n"
                     "  stvfm-engine build tiny.pt -o tiny.engine\n"
                     "  stvfm-engine build bike.pt -o bike.engine --backends onnxruntime --max-batch 16\n"
                     "  stvfm-engine build city.pt -o city.engine --device cuda --precision bf16\n"
