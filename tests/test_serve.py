@@ -177,6 +177,34 @@ def test_sixteen_clients_are_batched(server, direct):
     assert samples / executions >= 2, f"mean server batch {samples / executions:.2f}"
 
 
+def test_models_of_a_directory_share_one_backbone_and_its_batches(server, direct):
+    """north and south run their own parts and send their backbone passes to the one ``_backbone`` model
+    (one instance: one backbone in memory), whose dynamic batcher joins passes of both models."""
+    with urllib.request.urlopen(server["http"] + "/v2/models/_backbone", timeout=10) as r:
+        assert [t["name"] for t in json.load(r)["inputs"]] == ["tokens"]
+    before = {m: read_counters(server["metrics"], m) for m in ("north", "south", "_backbone")}
+    failures: list = []
+
+    def load(model, seed):
+        try:
+            failures.extend(_hammer(server["grpc"], model, direct[model][1], direct[model][0], clients=8,
+                                    per_client=4, seed=seed))
+        except Exception as e:  # noqa: BLE001 - reported below, not lost in the thread
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=a) for a in (("north", 300), ("south", 400))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert failures == []
+    grown = {m: _counted(server["metrics"], m, before[m], 32 if m != "_backbone" else 2 * 64) for m in before}
+    assert grown["north"][0] == grown["south"][0] == 32
+    assert grown["_backbone"][0] == 2 * 64  # two sequences (raw, flow branch) per sample
+    # one backbone pass per model execution if nothing were joined across models
+    assert grown["_backbone"][1] < grown["north"][1] + grown["south"][1], grown
+
+
 def test_malformed_requests_in_flight_get_errors_others_answers(server, direct):
     engine, make = direct["odd"]
     c = ODD
@@ -370,7 +398,7 @@ def test_exported_python_repository_serves_on_the_bundled_server(engines, direct
 def ray_server(engines):
     pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'stvfm-engine[ray]'")
     (http,) = free_ports(1)
-    proc = ServerProcess(["serve", str(engines["odd"]), str(engines["notime"]), "--name", "odd", "--name", "notime",
+    proc = ServerProcess(["serve", str(engines["odd"]), str(engines["notime"]), str(engines["regions"]),
                           "--ray", "--http-port", str(http), "--threads", "1", "--max-queue-delay-ms", "20"])
     proc.wait_ready(timeout_s=300)
     yield {"http": f"http://127.0.0.1:{http}", "proc": proc}
@@ -381,7 +409,7 @@ def ray_server(engines):
 def test_ray_answers_what_triton_answers(ray_server, direct):
     """The same client, the same requests: equal answers, the same refusals, the same metadata."""
     url = ray_server["http"]
-    for model in ("odd", "notime"):
+    for model in ("odd", "notime", "north", "south"):  # north, south: one deployment, one backbone
         engine, make = direct[model]
         rng = np.random.default_rng(21)
         with Client(url, model=model) as client:
@@ -425,6 +453,30 @@ def test_ray_batches_concurrent_clients_with_bad_ones_in_flight(ray_server, dire
     assert len(refused) == 4
     samples, executions = _counted(metrics, "odd", before, 16 * 4)
     assert samples == 16 * 4 and samples / executions >= 2, f"mean batch {samples / executions:.2f}"
+
+
+@pytest.mark.slow
+def test_ray_serves_a_multi_model_directory_from_one_deployment(ray_server, direct):
+    """north and south share one deployment: concurrent requests of both, each answered by its own model."""
+    metrics = ray_server["http"] + "/metrics"
+    before = {m: read_counters(metrics, m) for m in ("north", "south")}
+    failures: list = []
+
+    def load(model, seed):
+        try:
+            failures.extend(_hammer(ray_server["http"], model, direct[model][1], direct[model][0], clients=4,
+                                    per_client=3, seed=seed))
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=a) for a in (("north", 500), ("south", 600))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert failures == []
+    counts = {m: _counted(metrics, m, before[m], 12)[0] for m in ("north", "south")}
+    assert counts == {"north": 12, "south": 12}
 
 
 @pytest.mark.slow

@@ -142,6 +142,48 @@ class BatchRunner:
         return results
 
 
+class MixedBatchRunner:
+    """Runs a batch of requests to the models of ONE multi-model engine: each request validated on its own
+    against its model, the valid ones through ``Engine.predict_many`` (requests of different models
+    whose token sequences have the same length share a backbone pass). ``run`` takes ``(model, request)``
+    pairs and answers as :meth:`BatchRunner.run`; ``counts[model]`` = [inferences, executions]."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.counts = {name: [0, 0] for name in engine.models}
+
+    def check(self, model: str, x: Any, tod: Any = None, dow: Any = None) -> Request:
+        return validate_inputs(self.engine.models[model], self.engine.max_batch, x, tod, dow)
+
+    def run(self, items: Sequence[tuple[str, Request]]) -> list[np.ndarray | Exception]:
+        items = list(items)
+        results: list[Any] = [None] * len(items)
+        valid: list[int] = []
+        for i, (model, request) in enumerate(items):
+            try:
+                items[i] = (model, self.check(model, *request))
+                valid.append(i)
+            except InputError as e:
+                results[i] = e
+        if not valid:
+            return results
+        calls = self.engine.backbone_calls
+        try:
+            ys = self.engine.predict_many([(items[i][0], *items[i][1]) for i in valid])
+        except Exception as e:  # answers every request of this batch; the server keeps running
+            for i in valid:
+                results[i] = RuntimeError(f"inference failed: {first_line(e)}")
+            return results
+        models = set()
+        for i, y in zip(valid, ys):
+            results[i] = y
+            self.counts[items[i][0]][0] += len(y)
+            models.add(items[i][0])
+        for model in models:  # a batch's backbone passes, counted for each model that took part
+            self.counts[model][1] += max(1, self.engine.backbone_calls - calls)
+        return results
+
+
 def _chunks(valid: list[tuple[int, Request]], max_batch: int) -> list[list[tuple[int, Request]]]:
     """Consecutive groups of requests whose samples add up to at most ``max_batch``."""
     chunks: list[list[tuple[int, Request]]] = []
@@ -156,13 +198,17 @@ def _chunks(valid: list[tuple[int, Request]], max_batch: int) -> list[list[tuple
     return chunks
 
 
-def open_runner(params: dict[str, str], base: Optional[str | os.PathLike] = None) -> BatchRunner:
-    """The :class:`BatchRunner` of :meth:`ServedModel.load_parameters` (``engine_dir`` may be relative
-    to ``base``, as in an exported repository); ``backend`` empty or ``auto`` lets ``Engine.load`` choose."""
+def open_engine(params: dict[str, str], base: Optional[str | os.PathLike] = None) -> Engine:
+    """The ``Engine`` of :meth:`ServedModel.load_parameters` (``engine_dir`` may be relative to ``base``, as
+    in an exported repository); ``backend`` empty or ``auto`` lets ``Engine.load`` choose."""
     directory = Path(params["engine_dir"])
     if not directory.is_absolute() and base is not None:
         directory = Path(base) / directory
     backend = params.get("backend") or None
     threads = int(params["threads"]) if params.get("threads") else None
-    engine = Engine.load(directory, backend=None if backend == "auto" else backend, threads=threads)
-    return BatchRunner(engine, params.get("model_key") or None)
+    return Engine.load(directory, backend=None if backend == "auto" else backend, threads=threads)
+
+
+def open_runner(params: dict[str, str], base: Optional[str | os.PathLike] = None) -> BatchRunner:
+    """The :class:`BatchRunner` of :meth:`ServedModel.load_parameters` (see :func:`open_engine`)."""
+    return BatchRunner(open_engine(params, base), params.get("model_key") or None)

@@ -1,5 +1,9 @@
 """``stvfm-engine serve --ray``: the same models as a Ray Serve application (one ``@serve.batch`` deployment
-per model behind an ingress speaking the Open Inference Protocol's HTTP endpoints, as Triton does)."""
+per model behind an ingress speaking the Open Inference Protocol's HTTP endpoints, as Triton does).
+
+The models of a multi-model directory share ONE deployment (one backbone in memory per replica): its
+``@serve.batch`` takes requests of all of them, and ``Engine.predict_many`` runs the requests whose
+token sequences have the same length in one backbone pass."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +20,7 @@ from ray import serve
 
 from stvfm_engine.errors import InputError
 from stvfm_engine.serving.lifecycle import describe, log, loopback, stop_on_signals, wait_ready
-from stvfm_engine.serving.models import ServedModel, open_runner
+from stvfm_engine.serving.models import MixedBatchRunner, ServedModel, open_engine, open_runner
 from stvfm_engine.serving.oip import HEADER_LENGTH, ProtocolError, decode_request, encode_response, model_metadata
 from stvfm_engine.version import __version__
 
@@ -65,6 +69,37 @@ class ModelReplica:
         return await asyncio.to_thread(self.runner.run, requests)
 
 
+def _mixed_samples(items: list) -> int:
+    return sum(len(r[1][0]) for r in items)
+
+
+@serve.deployment(graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=5)
+class SharedReplica:
+    """One replica of a multi-model directory: every model's requests join one batch, run by
+    ``predict_many`` (one backbone pass per group of equal token-sequence length)."""
+
+    def __init__(self, params: dict[str, str], max_batch: int, wait_s: float):
+        self.runner = MixedBatchRunner(open_engine(params))
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        # a batch may hold max_batch samples of each model; predict_many cuts it into calls of max_batch
+        self._batch.set_max_batch_size(max_batch * len(self.runner.engine.models))
+        self._batch.set_batch_wait_timeout_s(wait_s)
+
+    async def infer(self, x: Any, tod: Any, dow: Any, model: Optional[str] = None) -> tuple:
+        try:
+            result = await self._batch((model, self.runner.check(model, x, tod, dow)))
+        except InputError as e:
+            result = e
+        stats = (self.replica, *self.runner.counts[model])
+        if isinstance(result, Exception):
+            return None, str(result), 400 if isinstance(result, InputError) else 500, stats
+        return result, None, 200, stats
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, batch_size_fn=_mixed_samples)
+    async def _batch(self, items: list) -> list:
+        return await asyncio.to_thread(self.runner.run, items)
+
+
 def _error(status: int, message: str) -> Response:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -104,8 +139,9 @@ class Ingress:
             arrays, binary = decode_request(model, await request.body(), request.headers.get(HEADER_LENGTH))
         except ProtocolError as e:
             return _error(400, str(e))
+        extra = {} if model.key is None else {"model": model.key}
         y, error, status, (replica, inferences, executions) = await self.handles[name].infer.remote(
-            arrays["x"], arrays.get("tod"), arrays.get("dow"))
+            arrays["x"], arrays.get("tod"), arrays.get("dow"), **extra)
         old = self.counts.get((name, replica), (0, 0))
         self.counts[(name, replica)] = (max(old[0], inferences), max(old[1], executions))  # responses may overtake
         if error is not None:
@@ -127,10 +163,27 @@ class Ingress:
 
 def build_app(models: Sequence[ServedModel], options: RayOptions):
     # Serve's default of 5 ongoing requests per replica would cap every batch at 5
-    handles = {m.name: ModelReplica.options(name=f"model-{m.name}", num_replicas=options.replicas,
-                                            max_ongoing_requests=4 * m.max_batch).bind(
-        m.load_parameters(), m.max_batch, options.max_queue_delay_ms / 1000) for m in models}
+    handles: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    for i, m in enumerate(models):
+        if m.key is None:
+            handles[m.name] = ModelReplica.options(name=f"model-{m.name}", num_replicas=options.replicas,
+                                                   max_ongoing_requests=4 * m.max_batch).bind(
+                m.load_parameters(), m.max_batch, options.max_queue_delay_ms / 1000)
+            continue
+        if m.directory not in shared:  # one deployment, one backbone, for every model of the directory
+            size = sum(1 for o in models if o.directory == m.directory)
+            params = {k: v for k, v in m.load_parameters().items() if k != "model_key"}
+            shared[m.directory] = SharedReplica.options(
+                name=f"shared-{len(shared) + 1}", num_replicas=options.replicas,
+                max_ongoing_requests=4 * m.max_batch * size).bind(params, m.max_batch, options.max_queue_delay_ms / 1000)
+        handles[m.name] = shared[m.directory]
     return Ingress.bind(list(models), handles)
+
+
+def deployments(models: Sequence[ServedModel]) -> int:
+    """How many model deployments :func:`build_app` makes (one per one-model directory or multi-model one)."""
+    return len({m.directory if m.key is not None else m.name for m in models})
 
 
 def serve_ray(models: Sequence[ServedModel], options: RayOptions = RayOptions()) -> int:
@@ -141,7 +194,7 @@ def serve_ray(models: Sequence[ServedModel], options: RayOptions = RayOptions())
     local = options.address is None
     log("starting a local Ray instance" if local else f"connecting to Ray at {options.address}")
     # each model replica reserves one CPU (Serve's default): a local instance has at least that many
-    num_cpus = max(os.cpu_count() or 1, len(models) * options.replicas) if local else None
+    num_cpus = max(os.cpu_count() or 1, deployments(models) * options.replicas) if local else None
     ray.init(address=options.address, num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -150,7 +203,8 @@ def serve_ray(models: Sequence[ServedModel], options: RayOptions = RayOptions())
         with stop_on_signals() as stop:  # after ray.init, which installs its own SIGTERM handler
             serve.start(http_options={"host": options.host, "port": options.http_port},
                         logging_config={"log_level": "WARNING"})
-            log(f"deploying {describe(list(models))} ({options.replicas} replica(s) each)")
+            log(f"deploying {describe(list(models))} ({options.replicas} replica(s) each; the models of a multi-model "
+                "directory share one deployment and backbone)")
             serve.run(build_app(models, options), name=APP, route_prefix="/")
             if wait_ready(f"http://{host}:{options.http_port}/v2/health/ready", stop, lambda: None,
                           options.ready_timeout_s):

@@ -1,12 +1,19 @@
 """Triton Python-backend model running an stvfm-engine ``Engine``: the ``model.py`` of every model that
 ``serve`` or ``export-triton --platform python`` writes. One response per request: a bad one gets an
-INVALID_ARG error, the others of its batch their forecasts (Triton has checked dtypes and shapes)."""
+INVALID_ARG error, the others of its batch their forecasts (Triton has checked dtypes and shapes).
+
+A multi-model engine directory is served as one model per name that runs only its own parts, plus
+one backbone model (``role`` = ``backbone``, one instance) that holds the shared backbone: each
+model's backbone pass is a BLS request to it, and Triton's dynamic batcher joins the passes of
+different models whose token tensors have the same shape into one execution."""
 import json
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from stvfm_engine.errors import InputError
-from stvfm_engine.serving.models import open_runner
+from stvfm_engine.engine.graph import FEATURES_NAME, TOKENS_NAME
+from stvfm_engine.errors import InputError, first_line
+from stvfm_engine.serving.models import open_engine, open_runner
 
 
 class TritonPythonModel:
@@ -14,10 +21,18 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = f"{args['model_repository']}/{args['model_version']}"
+        self.backbone_role = params.get("role") == "backbone"
+        if self.backbone_role:
+            self.engine = open_engine(params, base=version_dir)
+            return
         self.runner = open_runner(params, base=version_dir)
         self.inputs = [t["name"] for t in config["input"]]
+        if params.get("backbone_model"):
+            self.runner.engine.share_backbone(_bls(params["backbone_model"]))
 
     def execute(self, requests):
+        if self.backbone_role:
+            return _run_backbone(self.engine, requests)
         # (x, tod, dow) per request; a model without time inputs has x only
         arrays = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
         responses = []
@@ -30,3 +45,37 @@ class TritonPythonModel:
             else:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", result)]))
         return responses
+
+
+def _bls(model_name):
+    """The backbone pass of a model's worker: a BLS request to the shared backbone model."""
+    def backbone(tokens: np.ndarray) -> np.ndarray:
+        request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=[FEATURES_NAME],
+                                            inputs=[pb_utils.Tensor(TOKENS_NAME, np.ascontiguousarray(tokens))])
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"shared backbone {model_name}: {response.error().message()}")
+        return pb_utils.get_output_tensor_by_name(response, FEATURES_NAME).as_numpy()
+    return backbone
+
+
+def _run_backbone(engine, requests):
+    """One backbone call per token shape among the requests Triton batched together."""
+    tokens = [pb_utils.get_input_tensor_by_name(r, TOKENS_NAME).as_numpy() for r in requests]
+    groups = {}
+    for i, t in enumerate(tokens):
+        groups.setdefault(t.shape[1:], []).append(i)
+    responses = [None] * len(requests)
+    for members in groups.values():
+        try:
+            h = engine.run_backbone(np.concatenate([tokens[i] for i in members]))
+        except Exception as e:  # noqa: BLE001 - every request of this call gets the error
+            for i in members:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(first_line(e)))
+            continue
+        start = 0
+        for i in members:
+            n = len(tokens[i])
+            responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(FEATURES_NAME, h[start:start + n])])
+            start += n
+    return responses

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from stvfm_engine.engine import Engine
+from stvfm_engine.engine.graph import FEATURES_NAME, TOKENS_NAME
 from stvfm_engine.engine.manifest import MANIFEST_NAME
 from stvfm_engine.engine.registry import BACKENDS
 from stvfm_engine.errors import ServeError
@@ -75,13 +76,58 @@ def _write_config(model_dir: Path, cfg) -> None:
 
 def write_serving_repository(models: Sequence[ServedModel], root: Path, max_queue_delay_us: int,
                              instances: int = 1) -> Path:
-    """Python-backend models in ``root`` that open the engine directories where they are (no copies)."""
+    """Python-backend models in ``root`` that open the engine directories where they are (no copies).
+
+    The models of a multi-model directory share one backbone model (:func:`backbone_models`): each of
+    them runs its own parts and sends its backbone pass there as a BLS request."""
+    shared = backbone_models(models)
     for model in models:
-        model_dir = root / model.name
-        (model_dir / VERSION).mkdir(parents=True)
-        shutil.copyfile(MODEL_PY, model_dir / VERSION / "model.py")
-        _write_config(model_dir, model_config(model, PYTHON, model.load_parameters(), max_queue_delay_us, instances))
+        params = model.load_parameters()
+        if model.directory in shared:
+            params["backbone_model"] = shared[model.directory]
+        _write_python_model(root / model.name, model_config(model, PYTHON, params, max_queue_delay_us, instances))
+    for directory, name in shared.items():
+        first = next(m for m in models if m.directory == directory)
+        _write_python_model(root / name, backbone_config(name, first, max_queue_delay_us))
     return root
+
+
+def backbone_models(models: Sequence[ServedModel]) -> dict[str, str]:
+    """``{engine directory: backbone model name}`` for each multi-model directory among ``models``:
+    ``_backbone`` then ``_backbone_2``, ... (names no served model has)."""
+    taken = {m.name for m in models}
+    out: dict[str, str] = {}
+    for m in models:
+        if m.key is not None and m.directory not in out:
+            n, name = 1, "_backbone"
+            while name in taken:
+                n += 1
+                name = f"_backbone_{n}"
+            taken.add(name)
+            out[m.directory] = name
+    return out
+
+
+def backbone_config(name: str, model: ServedModel, max_queue_delay_us: int):
+    """The shared backbone of ``model``'s multi-model directory as a Triton model: tokens ``[N, L, D]`` in,
+    features out, the sequence axis batched (``2 * max batch``), ONE instance (one backbone in memory);
+    its dynamic batcher joins the passes of different models whose tensors have the same shape."""
+    pb, _ = _pb()
+    cfg = pb.ModelConfig(name=name, max_batch_size=2 * model.max_batch, backend="python")
+    cfg.input.add(name=TOKENS_NAME, data_type=pb.DataType.Value("TYPE_FP32"), dims=[-1, -1])
+    cfg.output.add(name=FEATURES_NAME, data_type=pb.DataType.Value("TYPE_FP32"), dims=[-1, -1])
+    cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    cfg.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
+    params = {k: v for k, v in model.load_parameters().items() if k != "model_key"}
+    for key, value in {**params, "role": "backbone"}.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def _write_python_model(model_dir: Path, cfg) -> None:
+    (model_dir / VERSION).mkdir(parents=True)
+    shutil.copyfile(MODEL_PY, model_dir / VERSION / "model.py")
+    _write_config(model_dir, cfg)
 
 
 def export_repository(directory: str | os.PathLike, repo: str | os.PathLike, platform: str = "onnxruntime",
