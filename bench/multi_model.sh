@@ -6,6 +6,7 @@
 #   - bench --mix: mixed traffic through predict_many vs the same requests through the 4 one-model engines,
 #     backbone calls per mixed batch, RSS added by each engine in a fresh process.
 # Usage: bench/multi_model.sh [WORKDIR] [THREADS...]   (run from the repository root; default threads: 1 2)
+#        REBUILD_ONLY=1 bench/multi_model.sh ...          (the build rounds only, no --mix benches)
 set -euo pipefail
 W=${1:-/tmp/stvfm-multi-model}
 THREADS=("${@:2}")
@@ -64,6 +65,7 @@ json.dump(report, open(out, "w"), indent=2)
 print(json.dumps([{k: v for k, v in r.items() if k not in ("first", "rebuild")} for r in rounds], indent=1))
 EOF
 
+[ "${REBUILD_ONLY:-0}" = 1 ] && exit 0
 for c in "${CKPTS[@]}"; do
     name=$(basename "$c" .pt)
     $S build "$c" -o "$W/$name.engine" --backends onnxruntime --max-batch 16 -q > /dev/null
