@@ -43,8 +43,8 @@ def export_parts(model: STVFM, pre_path: Path, post_path: Path, max_batch: int) 
     reference, and where the TorchScript exporter fails or is gone the dynamo exporter does the work."""
     args = example_inputs(model, batch=2)
     inputs = input_names(model.config)
-    with torch.inference_mode():
-        h = model.backbone.encode(model.backbone_input(*args)).clone()
+    with torch.no_grad():  # not inference_mode: the TorchScript exporter traces with autograd on
+        h = model.backbone.encode(model.backbone_input(*args))
     batch = {0: "batch"}
     for module, example, path, ins, outs, axes, shapes in (
             (PreGraph(model), args, pre_path, inputs, [TOKENS_NAME], {**dict.fromkeys(inputs, batch),

@@ -330,3 +330,35 @@ def test_cli_init_build_run_inspect_bench(world, tmp_path, capsys, monkeypatch):
     assert rows["agreement"]["max_rel_err_mixed_vs_separate"] <= TOL
     memory = mix["memory"][0]
     assert set(memory["singles_rss_added_mb"]) == {"bike", "taxi"} and memory["multi_rss_added_mb"] > 0
+
+
+def test_parts_export_falls_back_to_the_dynamo_exporter(world, tmp_path, monkeypatch):
+    """The parts go through the TorchScript exporter first; where it fails, the dynamo exporter writes them,
+    and either way the graphs reproduce the reference's stages."""
+    import onnxruntime as ort
+
+    from stvfm_engine.engine.graph import PostGraph, PreGraph, input_names
+    from stvfm_engine.export import onnx_export
+    from stvfm_engine.engine.runtime import ExportError
+
+    model = world["refs"]["taxi"]
+    used = []
+    real_ts, real_dynamo = onnx_export.export_torchscript, onnx_export.export_graph
+    for failing in (False, True):
+        def torchscript(*a, **k):
+            used.append("torchscript")
+            if failing:
+                raise ExportError("TorchScript ONNX export failed: simulated")
+            return real_ts(*a, **k)
+        monkeypatch.setattr(onnx_export, "export_torchscript", torchscript)
+        monkeypatch.setattr(onnx_export, "export_graph", lambda *a, **k: used.append("dynamo") or real_dynamo(*a, **k))
+        pre, post = onnx_export.export_parts(model, tmp_path / f"pre{failing}.onnx", tmp_path / f"post{failing}.onnx", 4)
+        x = inputs_for(world, "taxi", 3, np.random.default_rng(2))[0]
+        with torch.no_grad():
+            tokens = PreGraph(model)(torch.from_numpy(x))
+            y = PostGraph(model)(model.backbone.encode(tokens))
+        got = ort.InferenceSession(str(pre)).run(None, dict(zip(input_names(model.config), [x])))[0]
+        assert rel_err(got, tokens.numpy()) <= TOL
+        h = model.backbone.encode(tokens).detach().numpy()
+        assert rel_err(ort.InferenceSession(str(post)).run(None, {"h": h})[0], y.numpy()) <= TOL
+    assert used == ["torchscript", "torchscript", "torchscript", "dynamo", "torchscript", "dynamo"]
