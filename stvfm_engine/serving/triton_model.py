@@ -55,7 +55,8 @@ def _bls(model_name):
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"shared backbone {model_name}: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, FEATURES_NAME).as_numpy()
+        # a copy: the array may live in the response's shared memory, freed with the response
+        return np.array(pb_utils.get_output_tensor_by_name(response, FEATURES_NAME).as_numpy(), copy=True)
     return backbone
 
 
