@@ -137,7 +137,7 @@ class Engine:
         the same shape, numpy. Sequences of any of the engine's lengths, ``N`` up to ``2 * max_batch``; a
         server runs it in the one process that holds the backbone (see :meth:`share_backbone`)."""
         parts = self._parts("run_backbone")
-        t = torch.as_tensor(np.asarray(tokens, dtype=np.float32) if isinstance(tokens, np.ndarray) else tokens)
+        t = torch.as_tensor(tokens)
         lengths = sorted(set(self._lengths.values()))
         if t.dim() != 3 or t.dtype != torch.float32 or int(t.shape[1]) not in lengths or \
                 not 1 <= int(t.shape[0]) <= 2 * self.max_batch:

@@ -94,7 +94,7 @@ def x_inputs(draw, good: bool):
     if container == "numpy":
         dtype = draw(st.sampled_from(NUMPY_FLOATS if good else NUMPY_FLOATS + NUMPY_OTHER))
         if dtype == object:
-            a = v.astype(object)
+            a = np.asarray(v.astype(object), dtype=object)  # a 0-d array, not a Python float, for shape ()
         elif np.dtype(dtype).kind in "fc":
             with np.errstate(over="ignore", invalid="ignore"):
                 a = v.astype(dtype)
