@@ -7,11 +7,7 @@ from pathlib import Path
 
 from stvfm_engine.atomic import atomic_path
 from stvfm_engine.bench.roofline import STAGES
-from stvfm_engine.errors import STVFMError
-
-
-class PlotError(STVFMError):
-    pass
+from stvfm_engine.errors import PlotError
 
 
 def plot_report(report: dict, path: str | os.PathLike) -> Path:

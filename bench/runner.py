@@ -3,6 +3,7 @@ per batch, add peak memory, the stage breakdown and the roofline, and return the
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,24 +14,18 @@ import numpy as np
 import torch
 
 from stvfm_engine.bench import memory, report, roofline, stages
-from stvfm_engine.engine import Engine
 from stvfm_engine.engine.manifest import is_multi, read_manifest
-from stvfm_engine.engine.precision import get_precision
-from stvfm_engine.engine.reference import reference_model
-from stvfm_engine.engine.registry import BACKENDS, OpenRequest, get_backend, names
+from stvfm_engine.engine.registry import BACKENDS, get_backend, names
 from stvfm_engine.engine.resolve import normalize_device
 from stvfm_engine.engine.runtime import cuda_status
+from stvfm_engine.engine.session import open_session
 from stvfm_engine.engine.timing import Schedule, summarize, time_interleaved, torch_threads
-from stvfm_engine.errors import STVFMError
+from stvfm_engine.errors import BenchError
 from stvfm_engine.model.config import STVFMConfig
 
 ALONE_TOLERANCE = 0.15  # interleaved vs alone: the harness check of issue 10 (aim 5%)
 
 Predict = Callable[[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], object]
-
-
-class BenchError(STVFMError):
-    """A benchmark request that cannot be run (unknown backend, mismatched engines, ...)."""
 
 
 @dataclass
@@ -76,23 +71,17 @@ def parse_list(text: str, kind: type = str) -> list:
 # ----------------------------------------------------------------------------- opening engines
 def open_variant(directory: Path, backend: str, precision: Optional[str], threads: Optional[int],
                  device: Optional[str] = None) -> Variant:
-    """One backend of the engine in ``directory``: a served one through ``Engine.load``, a bench-only
-    baseline (``compile``) through its registry record, from the same weights (``precision`` None:
-    the backend's default for the device)."""
+    """One backend of the engine in ``directory`` through the runtime's one session path (the input check
+    and scheduler ``Engine.predict`` runs): a served backend, or a bench-only baseline (``compile``) from
+    the same weights (``precision`` None: the backend's default for the device)."""
     spec = get_backend(backend, bench=True)
-    if not spec.bench_only:
-        eng = Engine.load(directory, backend=backend, precision=precision, device=device, threads=threads)
-        return Variant(backend, eng.precision, eng.predict, Path(directory), eng.device)
-    device = normalize_device(device) or ("cuda" if cuda_status() is None else "cpu")
-    if why := spec.why_not_run(device):
-        raise BenchError(f"baseline {backend} cannot run on {device} here: {why}")
-    manifest = read_manifest(directory)
-    prec = get_precision(spec.precision_for(device, precision))
-    runner = spec.impl().open(OpenRequest(Path(directory), None, STVFMConfig.from_dict(manifest["config"]), prec,
-                                          torch.device(device), threads,
-                                          reference=lambda: reference_model(directory, manifest),
-                                          max_batch=int(manifest["max_batch"])))
-    return Variant(backend, prec.name, runner, None, device)  # not an Engine: no peak-memory process
+    if spec.bench_only and (why := spec.why_not_run(normalize_device(device) or
+                                                    ("cuda" if cuda_status() is None else "cpu"))):
+        raise BenchError(f"baseline {backend} cannot run on {device or 'this machine'} here: {why}")
+    session = open_session(directory, backend, precision, device, threads, bench=True)
+    # a baseline is no Engine: no peak-memory process (it reopens engines by backend name)
+    return Variant(backend, session.precision, functools.partial(session.predict, None),
+                   None if spec.bench_only else Path(directory), session.device)
 
 
 def engine_variants(directory: Path, backends: Sequence[str], precision: Optional[str], threads: Optional[int],

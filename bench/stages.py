@@ -3,7 +3,7 @@
 The eager model and the Triton path are each run stage by stage with a marker around each stage:
 ``torch.profiler``'s ``record_function`` on a CPU (the stage's CPU time), a pair of CUDA events on a
 GPU (the stage's device time, launch gaps included). The Triton path is timed through its un-graphed
-forward (:meth:`~stvfm_engine.engine.triton_backend.TritonPredictor.forward`): at small batches, where
+forward (:meth:`~stvfm_engine.engine.backends.triton.TritonPredictor.forward`): at small batches, where
 its CUDA graphs remove the launch gaps, these stage times overstate what a replay costs.
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def triton_stage_runner(reference: STVFM, precision: str, device: str, max_batch
     """``run(batch) -> rows``: the Triton path's stage breakdown at ``precision`` on ``device``, timed on an
     un-graphed predictor of its own, on :func:`~stvfm_engine.bench.runner.make_inputs` inputs."""
     from stvfm_engine.bench.runner import make_inputs  # runner imports this module
-    from stvfm_engine.engine.triton_backend import load_triton_backend
+    from stvfm_engine.engine.backends.triton import load_triton_backend
 
     fn = load_triton_backend(reference, precision, device, max_batch=max_batch, cuda_graphs=False)
 
@@ -119,7 +119,7 @@ def triton_stage_runner(reference: STVFM, precision: str, device: str, max_batch
 
 def triton_stages(predictor, x: torch.Tensor, tod: Optional[torch.Tensor], dow: Optional[torch.Tensor],
                   iters: int = 10, warmup: int = 3) -> list[dict]:
-    """Mean time per stage of a :class:`~stvfm_engine.engine.triton_backend.TritonPredictor`'s forward on
+    """Mean time per stage of a :class:`~stvfm_engine.engine.backends.triton.TritonPredictor`'s forward on
     device tensors. Under ``TRITON_INTERPRET=1`` the figures show where the interpreter spends its
     time, not what a GPU would do."""
     # no_grad (the forward's own mode), not inference_mode: a compiled backbone keeps its guards

@@ -8,6 +8,7 @@ around one shared :class:`BackboneGraph` (``x[, tod, dow] -> tokens -> h -> y``)
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ OUTPUT_NAME = "y"
 TOKENS_NAME = "tokens"  # the backbone's input [N, L, D]: N = 2B sequences (raw then flow branch), L = P + n
 FEATURES_NAME = "h"  # the backbone's output, same shape
 MAX_SEQUENCE = MAX_TOKENS + 64  # n tokens plus the backbone's prefix tokens
+INT8_SCOPE = "backbone"  # the module whose weight matmuls int8 quantises (ONNX Runtime, OpenVINO)
 
 
 def input_names(config: STVFMConfig) -> list[str]:
@@ -118,3 +120,22 @@ def backbone_dynamic_shapes(max_batch: int) -> dict:
 def post_dynamic_shapes(max_batch: int) -> dict:
     """``h`` holds ``2B`` sequences: its axis 0 is twice the dynamic batch."""
     return {FEATURES_NAME: {0: 2 * torch.export.Dim("batch", min=1, max=max(2, max_batch))}}
+
+
+def weight_matmuls(onnx_path: str | os.PathLike, scope: str = INT8_SCOPE) -> list[str]:
+    """Names of the MatMul/Gemm nodes with a constant weight inside the module ``scope`` ("" = everywhere)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        # namespace: ": Root/attr: Class/attr.sub: Class/..." -> the module path of each level
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        paths = [seg.split(":", 1)[0].strip() for seg in namespace.split("/")[1:]]
+        if not scope or any(scope in path.split(".") for path in paths):
+            names.append(node.name)
+    return names

@@ -39,7 +39,7 @@ from typing import Any, Iterable
 
 from stvfm_engine.atomic import atomic_path
 from stvfm_engine.engine.registry import distributions
-from stvfm_engine.errors import STVFMError
+from stvfm_engine.errors import EngineDirError
 from stvfm_engine.model.checkpoint import check_format
 
 FORMAT_VERSION = 1  # one model: monolithic artifacts
@@ -52,8 +52,12 @@ MULTI_REQUIRED_KEYS = ("backbone", "models", "max_batch", "files", "backends")
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a folder name, a URL path segment, a Triton model name
 
 
-class EngineDirError(STVFMError):
-    """An engine directory that is missing, unreadable, or does not match its manifest."""
+def artifact_files(files: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The files among ``files`` that belong to the artifacts ``names``: each name itself and its
+    companions ``NAME.*`` (``model.onnx.data``, ``model.plan.timing.cache``): the one rule for which files
+    travel with an artifact."""
+    names = list(names)
+    return [f for f in files if any(f == n or f.startswith(n + ".") for n in names)]
 
 
 def is_multi(manifest: dict[str, Any]) -> bool:
@@ -193,7 +197,7 @@ def verify_files(directory: str | os.PathLike, manifest: dict[str, Any], names: 
     """
     directory = Path(directory)
     table = manifest["files"]
-    wanted = list(table) if names is None else [f for f in table for n in names if f == n or f.startswith(n + ".")]
+    wanted = list(table) if names is None else artifact_files(table, names)
     for name in names or ():
         if name not in table:
             raise EngineDirError(f"{directory}: manifest lists no file {name!r}")

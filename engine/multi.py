@@ -123,14 +123,3 @@ def run_parts(parts: Parts, requests: Sequence[Request]) -> list[np.ndarray]:
 def run_whole(runner: Runner, requests: Sequence[Request], device: torch.device) -> list[np.ndarray]:
     """Forecasts for ``requests`` of one model with one call of its monolithic runner."""
     return _split(runner(*_inputs(requests, device)), requests)
-
-
-class ModelRunner(Runner):
-    """One model of :class:`Parts` as a :class:`Runner` (``runner(x, tod, dow) -> y``): pre, backbone, post."""
-
-    def __init__(self, parts: Parts, name: str, length: int):
-        self.parts, self.name, self.length = parts, name, length
-        self.thread_safe = parts.thread_safe
-
-    def __call__(self, x, tod, dow) -> np.ndarray:
-        return run_parts(self.parts, [Request(self.name, x, tod, dow, self.length)])[0]

@@ -40,3 +40,11 @@ def get_precision(name: str | Precision) -> Precision:
     if name not in PRECISIONS:
         raise ConfigError(f"unknown precision {name!r}; expected one of {sorted(PRECISIONS)}")
     return PRECISIONS[name]
+
+
+def tolerances_text() -> str:
+    """The parity tolerances as help texts quote them: ``<= 1e-4 fp32, <= 2e-2 bf16/fp16, <= 5e-2 int8``."""
+    by: dict[float, list[str]] = {}
+    for p in PRECISIONS.values():
+        by.setdefault(p.tolerance, []).append(p.name)
+    return ", ".join(f"<= {f'{t:.0e}'.replace('e-0', 'e-')} {'/'.join(n)}" for t, n in by.items())

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from stvfm_engine.engine.manifest import WEIGHTS_NAME, EngineDirError, is_multi, read_manifest, verify_files
+from stvfm_engine.engine.manifest import WEIGHTS_NAME, is_multi, read_manifest, verify_files
 from stvfm_engine.model.checkpoint import FORMAT_VERSION, model_from_checkpoint
 from stvfm_engine.model.stvfm import BACKBONE_PREFIX, STVFM
+from stvfm_engine.errors import EngineDirError
 
 
 def _load(directory: Path, name: str) -> dict:

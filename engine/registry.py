@@ -27,9 +27,10 @@ from typing import Any, Callable, ContextManager, Mapping, Optional
 import torch
 
 from stvfm_engine.engine.precision import Precision, get_precision
-from stvfm_engine.engine.runtime import BackendError, cuda_status
+from stvfm_engine.engine.runtime import cuda_status
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import STVFM
+from stvfm_engine.errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
 # (engine/resolve.py) takes the first built artifact this machine can run.
 PREFERENCE: tuple[tuple[str, str], ...] = (
     ("tensorrt", "cuda"), ("aoti", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"), ("openvino", "cpu"), ("aoti", "cpu"))
+
+DEFAULT_MAX_BATCH = 64  # `build --max-batch` default: every artifact accepts batches 1..64
 
 # The libraries every manifest records, besides each backend's own.
 BASE_DISTRIBUTIONS = ("torch", "timm", "numpy", "safetensors", "stvfm-engine")

@@ -12,7 +12,7 @@ import torch
 
 from stvfm_engine.engine.precision import get_precision
 from stvfm_engine.engine.registry import PREFERENCE, get_backend
-from stvfm_engine.engine.runtime import BackendError
+from stvfm_engine.errors import BackendError
 
 # (backend, device type) -> None when it can run there (library present, versions match), else why not
 Usable = Callable[[str, str], Optional[str]]

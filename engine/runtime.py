@@ -3,23 +3,17 @@ conversion of validated inputs to tensors and of outputs to numpy."""
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import importlib.util
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from stvfm_engine.errors import STVFMError
-
-
-class BackendError(STVFMError):
-    """A backend that cannot run here, or an artifact it cannot open."""
-
-
-class ExportError(STVFMError):
-    """An artifact build step that failed or produced an artifact that does not check."""
 
 
 def cuda_status() -> Optional[str]:
@@ -29,6 +23,14 @@ def cuda_status() -> Optional[str]:
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no CUDA device"
     return None
+
+
+def quiet_cuda_probes() -> None:
+    """On a machine without a usable CUDA device, silence the libraries' own "no CUDA" warnings (torch's
+    C++ extension builder logs one when AOTInductor compiles): ``stvfm-engine env`` says once that
+    there is no GPU, and build/bench output stays clean."""
+    if cuda_status() is not None:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def missing(*modules: str) -> Optional[str]:
@@ -56,6 +58,14 @@ def cpu_flags() -> set[str]:
     except OSError:
         return set()
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def which_compiler() -> Optional[str]:
+    """The C++ compiler AOTInductor would use, or None."""
+    for name in filter(None, (os.environ.get("CXX"), "g++", "clang++", "c++")):
+        if path := shutil.which(name):
+            return path
+    return None
 
 
 def rebuild_hint(directory: str | Path) -> str:

@@ -15,12 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from stvfm_engine.errors import STVFMError
+from stvfm_engine.errors import BuildError
 from stvfm_engine.engine.manifest import MANIFEST_NAME
-
-
-class BuildError(STVFMError):
-    """A build that cannot start or finish (bad options, unbuildable backend, unsafe output path)."""
 
 
 def _pid_alive(pid: int) -> bool:

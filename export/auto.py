@@ -14,12 +14,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from stvfm_engine.engine.graph import example_inputs
-from stvfm_engine.engine.inputs import validate_inputs
+from stvfm_engine.engine.manifest import artifact_files
 from stvfm_engine.engine.precision import get_precision
-from stvfm_engine.engine.registry import BACKENDS, BuildContext, OpenRequest, names
+from stvfm_engine.engine.registry import BACKENDS, BuildContext, MultiBuildContext, names
+from stvfm_engine.engine.session import Built, Session, open_session
 from stvfm_engine.engine.timing import Schedule, summarize, time_interleaved, torch_threads
-from stvfm_engine.errors import STVFMError, first_line
-from stvfm_engine.export.atomic_dir import BuildError
+from stvfm_engine.errors import BuildError, first_line, STVFMError
+from stvfm_engine.export.records import built_engine
 
 AUTO_BATCH = 1  # candidates are timed at batch 1: serving latency
 AUTO_SCHEDULE = Schedule(warmup=3, rounds=5, block=6, drop=2)  # 20 kept calls each, 0.3 s pause per block
@@ -92,9 +93,8 @@ def build_auto(ctx: BuildContext, chosen: list[Candidate], build_one: Callable[[
             continue
         c.kept = True
         c.why = "the default: fastest of all" if c is winner else f"the fastest {c.backend} artifact"
-        for f in sub.iterdir():
-            if any(f.name == n or f.name.startswith(n + ".") for n in BACKENDS[c.backend].files):
-                os.replace(f, ctx.directory / f.name)
+        for name in artifact_files([f.name for f in sub.iterdir()], BACKENDS[c.backend].files):
+            os.replace(sub / name, ctx.directory / name)
     shutil.rmtree(scratch)
     entries = {n: best[n].entry for n in names(artifact=True) if n in best}
     auto = {"batch": AUTO_BATCH, "threads": threads or torch.get_num_threads(), "schedule": AUTO_SCHEDULE.as_dict(),
@@ -104,17 +104,44 @@ def build_auto(ctx: BuildContext, chosen: list[Candidate], build_one: Callable[[
 
 
 def _time(ctx: BuildContext, built: list[tuple[Candidate, Path]], threads: Optional[int]) -> None:
-    model = ctx.model
-    args = [a.numpy() for a in example_inputs(model, batch=AUTO_BATCH)]
-    inputs = validate_inputs(model.config, ctx.max_batch, *args, *[None] * (3 - len(args)))
+    args = [a.numpy() for a in example_inputs(ctx.model, batch=AUTO_BATCH)]
     with ctx.stage("auto", f"timing {len(built)} candidates at batch {AUTO_BATCH}, interleaved"), torch_threads(threads):
-        runners = {c.name: BACKENDS[c.backend].impl().open(OpenRequest(
-            sub, c.entry, model.config, get_precision(c.precision), torch.device("cpu"), threads,
-            reference=lambda: model, max_batch=ctx.max_batch)) for c, sub in built}
-        samples = time_interleaved({n: (lambda r=r: r(*inputs)) for n, r in runners.items()}, AUTO_SCHEDULE)
-        del runners
+        sessions = {c.name: open_session(built_engine(ctx, {c.backend: c.entry}, sub), c.backend, c.precision, "cpu",
+                                         threads) for c, sub in built}
+        p50 = time_sessions(sessions, lambda s: [s.check(None, *args)])
+        del sessions
     for c, _ in built:
-        c.p50_ms = summarize(samples[c.name], AUTO_BATCH)["p50_ms"]
+        c.p50_ms = p50[c.name]
+
+
+def time_sessions(sessions: dict[str, Session], requests: Callable[[Session], list]) -> dict[str, float]:
+    """p50 ms of each session serving its ``requests(session)``, interleaved in blocks (:data:`AUTO_SCHEDULE`),
+    each call what ``Engine.predict`` does: the session's checks, then its run."""
+    samples = time_interleaved({n: (lambda s=s: s.run(requests(s))) for n, s in sessions.items()}, AUTO_SCHEDULE)
+    return {n: summarize(samples[n], AUTO_BATCH)["p50_ms"] for n in sessions}
+
+
+def auto_multi(ctx: MultiBuildContext, manifest: dict[str, Any], backends: Sequence[str], run_device: dict[str, str],
+               threads: Optional[int]) -> tuple[dict[str, str], dict[str, Any]]:
+    """``--precision auto`` on a multi-model build: every built backend (fp32, all gated) timed on one batch-1
+    request per model, interleaved; returns the manifest's ``default`` (the fastest) and ``auto`` records."""
+    inputs = {label: [a.numpy() for a in example_inputs(m, batch=AUTO_BATCH)] for label, m in ctx.models.items()}
+    with ctx.stage("auto", f"timing {len(backends)} backends, one batch-{AUTO_BATCH} request per model, "
+                           "interleaved"), torch_threads(threads):
+        sessions = {b: open_session(Built(ctx.directory, manifest, references=lambda: ctx.models), b, "fp32",
+                                    run_device[b], threads) for b in backends}
+        p50 = time_sessions(sessions, lambda s: [s.check(label, *a) for label, a in inputs.items()])
+        del sessions
+    best = min(backends, key=lambda b: p50[b])
+    rows = [{"backend": b, "precision": "fp32", "p50_ms": p50[b],
+             "max_rel_err": max(m["backends"][b]["parity"]["max_rel_err"] for m in manifest["models"].values()),
+             "mae_loss": None, "kept": True,
+             "why": "the default: fastest of all" if b == best else f"{p50[best]:.2f} ms for {best} is faster"}
+            for b in backends]
+    auto = {"batch": AUTO_BATCH, "threads": threads or torch.get_num_threads(), "schedule": AUTO_SCHEDULE.as_dict(),
+            "metric": f"p50 latency of one batch-{AUTO_BATCH} request per model in one call, interleaved in blocks",
+            "candidates": rows}
+    return {"backend": best, "precision": "fp32"}, auto
 
 
 def format_table(auto: dict[str, Any]) -> str:

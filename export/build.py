@@ -8,7 +8,6 @@ swapped into place.
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import os
 import shutil
@@ -18,26 +17,24 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from stvfm_engine.engine.graph import io_spec
-from stvfm_engine.engine.inputs import validate_inputs
-from stvfm_engine.engine.manifest import (FORMAT_VERSION, WEIGHTS_NAME, file_record, file_table, library_versions,
-                                          write_manifest)
+from stvfm_engine.engine.manifest import (FORMAT_VERSION, WEIGHTS_NAME, file_record, file_table, write_manifest)
 from stvfm_engine.engine.precision import Precision, get_precision
-from stvfm_engine.engine.registry import BACKENDS, BuildContext, OpenRequest, names
+from stvfm_engine.engine.registry import BACKENDS, DEFAULT_MAX_BATCH, BuildContext, names
 from stvfm_engine.engine.resolve import normalize_device
 from stvfm_engine.engine.runtime import cuda_status
-from stvfm_engine.export.atomic_dir import BuildError, atomic_directory
+from stvfm_engine.engine.session import open_session
+from stvfm_engine.export.atomic_dir import atomic_directory
 from stvfm_engine.export.auto import build_auto, candidates
-from stvfm_engine.export.gates import check_max_mae_loss, mae_gate
+from stvfm_engine.export.gates import DEFAULT_MAX_MAE_LOSS, check_max_mae_loss, mae_gate
 from stvfm_engine.export.onnx_export import export_onnx
 from stvfm_engine.export.parity import check_parity
 from stvfm_engine.export.progress import BuildProgress
+from stvfm_engine.export.records import built_engine, manifest_head, model_record
 from stvfm_engine.model.checkpoint import model_from_checkpoint, read_checkpoint
-from stvfm_engine.model.data import load_flow_data
+from stvfm_engine.model.data import load_flow_data, windows_for
 from stvfm_engine.model.evaluate import model_forecaster
 from stvfm_engine.model.stvfm import STVFM
-from stvfm_engine.model.train import windows_for
-from stvfm_engine.version import __version__
+from stvfm_engine.errors import BuildError
 
 ONNX_NAME = BACKENDS["onnxruntime"].files[0]
 AUTO = "auto"  # build --precision auto
@@ -98,13 +95,6 @@ def check_max_batch(max_batch: int) -> int:
     return max_batch
 
 
-def manifest_head(format_version: int, precision: Precision, device: str, max_batch: int) -> dict:
-    """The fields every manifest starts with (the builder adds what it built)."""
-    return {"format_version": format_version, "stvfm_engine_version": __version__,
-            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "precision": precision.name, "device": device, "max_batch": max_batch, "versions": library_versions()}
-
-
 def normalize_build_device(device: str) -> str:
     d = normalize_device(device)
     if torch.device(d).type == "cuda" and (why := cuda_status()):
@@ -122,8 +112,8 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                  backends: Optional[Sequence[str] | str] = None, precision: str = "fp32", device: str = "cpu",
-                 max_batch: int = 64, progress: bool = True, calib_data: Optional[str | os.PathLike] = None,
-                 max_mae_loss: float = 0.01, threads: Optional[int] = None) -> Path:
+                 max_batch: int = DEFAULT_MAX_BATCH, progress: bool = True, calib_data: Optional[str | os.PathLike] = None,
+                 max_mae_loss: float = DEFAULT_MAX_MAE_LOSS, threads: Optional[int] = None) -> Path:
     """Build the engine directory ``output_dir`` from ``checkpoint``; return its path.
 
     ``backends``: artifact backends of the registry (None: all this machine can build for ``device`` at
@@ -133,8 +123,9 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     gated on the forecasting task when ``calib_data`` (a data PREFIX) is given: test MAE within
     ``max_mae_loss`` of the fp32 reference's (:mod:`stvfm_engine.export.gates`; recorded in the
     manifest entry as ``reduced_precision.gate``, or ``task_gate`` for fp32). ``precision="auto"`` builds every
-    candidate this CPU can build, times those that pass their gates with ``threads`` threads and keeps
-    the fastest of each backend, the fastest of all as the directory's default (:mod:`.auto`).
+    candidate this CPU can build, times those that pass their gates and keeps the fastest of each backend,
+    the fastest of all as the directory's default (:mod:`.auto`). ``threads``: intra-op threads of the
+    sessions that gate (and, with auto, time) the artifacts.
     """
     auto = precision == AUTO
     prec = get_precision("fp32" if auto else precision)
@@ -169,12 +160,13 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
             ckpt_record = {"file": ckpt_path.name, **file_record(ckpt_path)}
         extra = {}
         if auto:
-            build_one = functools.partial(_build_one, ui=ui, calib_data=calib_data, max_mae_loss=max_mae_loss)
+            build_one = functools.partial(_build_one, ui=ui, calib_data=calib_data, max_mae_loss=max_mae_loss,
+                                          threads=threads)
             entries, default, extra["auto"] = build_auto(ctx, pending, build_one, threads)
             extra["default"] = default
             prec, chosen = get_precision(default["precision"]), list(entries)
         else:
-            entries = {name: _build_one(name, ctx, ui, calib_data, max_mae_loss) for name in chosen}
+            entries = {name: _build_one(name, ctx, ui, calib_data, max_mae_loss, threads) for name in chosen}
         shutil.rmtree(export, ignore_errors=True)
         manifest = {
             **manifest_head(FORMAT_VERSION, prec, device, max_batch),
@@ -189,15 +181,8 @@ def build_engine(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     return Path(output_dir)
 
 
-def model_record(model: STVFM, checkpoint: dict, max_batch: int) -> dict:
-    """What a manifest records of one model: its checkpoint, config, normalisation and I/O."""
-    return {"checkpoint": checkpoint, "config": model.config.to_dict(),
-            "normalization": {"mean": model.norm_mean.tolist(), "std": model.norm_std.tolist()},
-            "io": io_spec(model.config, max_batch)}
-
-
 def _build_one(name: str, ctx: BuildContext, ui: BuildProgress, calib_data: Optional[str | os.PathLike],
-               max_mae_loss: float) -> dict:
+               max_mae_loss: float, threads: Optional[int] = None) -> dict:
     """Build one backend's artifact, open it through the runtime, gate it; its manifest record."""
     spec, prec, model = BACKENDS[name], ctx.precision, ctx.model
     t0 = time.perf_counter()
@@ -209,14 +194,13 @@ def _build_one(name: str, ctx: BuildContext, ui: BuildProgress, calib_data: Opti
     if artifact.runtime:
         entry["runtime"] = artifact.runtime
     with ctx.stage(name, f"parity gate on {run_device}"):
-        runner = spec.impl().open(OpenRequest(ctx.directory, entry, model.config, prec, torch.device(run_device),
-                                              None, reference=lambda: model, max_batch=ctx.max_batch))
-        entry["parity"] = check_parity(name, runner, model, prec, ctx.max_batch)
+        session = open_session(built_engine(ctx, {name: entry}), name, prec.name, run_device, threads)
+        predict = functools.partial(session.predict, None)  # the runtime's own path: check, then run
+        entry["parity"] = check_parity(name, predict, model, prec, ctx.max_batch)
     ui.note(f"{name}: max relative error {entry['parity']['max_rel_err']:.2e} (tolerance {prec.tolerance:g})")
     gate = None
     if calib_data is not None:  # every artifact, fp32 too: its MAE against the fp32 reference's, measured
         with ctx.stage(name, f"task gate: test MAE vs the fp32 reference on {calib_data}"):
-            predict = lambda x, tod, dow: runner(*validate_inputs(model.config, ctx.max_batch, x, tod, dow))  # noqa: E731
             gate = mae_gate(predict, model_forecaster(model), calib_data, model.config, prec.name, max_mae_loss,
                             batch_size=min(64, ctx.max_batch))
         ui.note(f"{name}: test MAE {gate['mae']:.4f} vs fp32 {gate['mae_fp32']:.4f} ({100 * gate['mae_loss']:+.2f}%)")

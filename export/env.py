@@ -12,7 +12,7 @@ from stvfm_engine.engine.manifest import library_versions
 from stvfm_engine.engine.precision import PRECISIONS
 from stvfm_engine.engine.registry import BACKENDS
 from stvfm_engine.engine.runtime import cuda_status
-from stvfm_engine.engine.backends.aoti import which_compiler
+from stvfm_engine.engine.runtime import which_compiler
 from stvfm_engine.kernels import why_not_runnable
 
 

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import os
 
-from stvfm_engine.errors import ConfigError, STVFMError
+from stvfm_engine.errors import ConfigError, PrecisionGateError
 from stvfm_engine.export.parity import relative_error
 from stvfm_engine.model.config import STVFMConfig
-from stvfm_engine.model.data import load_flow_data
+from stvfm_engine.model.data import load_flow_data, windows_for
 from stvfm_engine.model.evaluate import ErrorAccumulator, Forecaster
-from stvfm_engine.model.train import windows_for
 
 DEFAULT_MAX_MAE_LOSS = 0.01
-
-
-class PrecisionGateError(STVFMError):
-    """A reduced-precision artifact that loses more accuracy than the gate allows."""
 
 
 def check_max_mae_loss(max_mae_loss: float) -> float:

@@ -16,14 +16,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from stvfm_engine.engine.manifest import (BACKBONE_WEIGHTS_NAME, MULTI_FORMAT_VERSION, WEIGHTS_NAME, EngineDirError,
+from stvfm_engine.engine.manifest import (BACKBONE_WEIGHTS_NAME, MULTI_FORMAT_VERSION, WEIGHTS_NAME, artifact_files,
                                           check_model_name, file_record, file_table, library_versions, model_file,
                                           write_manifest)
-from stvfm_engine.engine.multi import ModelRunner
 from stvfm_engine.engine.precision import get_precision
-from stvfm_engine.engine.registry import BACKENDS, MultiBuildContext, MultiOpenRequest
-from stvfm_engine.export.atomic_dir import BuildError, atomic_directory
-from stvfm_engine.export.build import (check_max_batch, manifest_head, model_record, normalize_build_device,
+from stvfm_engine.engine.registry import BACKENDS, DEFAULT_MAX_BATCH, MultiBuildContext
+from stvfm_engine.engine.session import Built, open_session
+from stvfm_engine.export.atomic_dir import atomic_directory
+from stvfm_engine.export.auto import auto_multi
+from stvfm_engine.export.records import manifest_head, model_record
+from stvfm_engine.export.build import (check_max_batch, normalize_build_device,
                                        resolve_backends, save_weights)
 from stvfm_engine.export.cache import BuildCache, cache_key, cached, default_cache_dir, tensors_digest
 from stvfm_engine.export.onnx_export import export_backbone, export_parts
@@ -31,6 +33,7 @@ from stvfm_engine.export.parity import check_parity
 from stvfm_engine.export.progress import BuildProgress
 from stvfm_engine.model.checkpoint import model_from_checkpoint, read_checkpoint
 from stvfm_engine.model.stvfm import BACKBONE_PREFIX, STVFM
+from stvfm_engine.errors import BuildError, EngineDirError
 
 BACKBONE_ONNX, PRE_ONNX, POST_ONNX = "backbone.onnx", "pre.onnx", "post.onnx"
 
@@ -83,18 +86,22 @@ def check_shared_backbone(models: dict[str, STVFM], checkpoints: Sequence[Path])
 
 def build_multi_engine(checkpoints: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
                        names: Optional[Sequence[str] | str] = None, backends: Optional[Sequence[str] | str] = None,
-                       precision: str = "fp32", device: str = "cpu", max_batch: int = 64, progress: bool = True,
-                       cache_dir: Optional[str | os.PathLike] = None, use_cache: bool = True) -> Path:
+                       precision: str = "fp32", device: str = "cpu", max_batch: int = DEFAULT_MAX_BATCH,
+                       progress: bool = True, cache_dir: Optional[str | os.PathLike] = None, use_cache: bool = True,
+                       threads: Optional[int] = None) -> Path:
     """Build the multi-model engine directory ``output_dir`` from ``checkpoints``; return its path.
 
     ``names``: one per checkpoint (default: the files' stems). ``backends``: artifact backends whose
     registry record has ``multi_model`` (None: all this machine can build); the directory also serves the
-    weights backends that have it (``eager``). fp32 only. ``max_batch``: samples per backbone call and per
+    weights backends that have it (``eager``). fp32 only; ``precision="auto"`` builds every backend that
+    serves many models, times them (``threads``, interleaved) and records the fastest as the default.
+    ``threads``: intra-op threads of the gates' and the timing's sessions. ``max_batch``: samples per backbone call and per
     request. Artifacts are taken from / added to the build cache in ``cache_dir`` (default
     :func:`~stvfm_engine.export.cache.default_cache_dir`) unless ``use_cache`` is False. A failed build leaves
     ``output_dir`` as it was.
     """
-    prec = get_precision(precision)
+    auto = precision == "auto"
+    prec = get_precision("fp32" if auto else precision)
     if prec.name != "fp32":
         raise BuildError(f"multi-model engines are built at fp32 only, not {prec.name}; "
                          "build reduced-precision engines one model at a time")
@@ -140,8 +147,10 @@ def build_multi_engine(checkpoints: Sequence[str | os.PathLike], output_dir: str
             "files": file_table(tmp),
             "backends": entries,
         }
-        for b in chosen:
-            _parity_gate(b, manifest, ctx, cache, {**common, "backend": b}, model_digests, ui)
+        run_device = {b: _parity_gate(b, manifest, ctx, cache, {**common, "backend": b}, model_digests, ui, threads)
+                      for b in chosen}
+        if auto:
+            manifest["default"], manifest["auto"] = auto_multi(ctx, manifest, chosen, run_device, threads)
         manifest["build_seconds"] = round(time.perf_counter() - started, 3)
         write_manifest(tmp, manifest)
     hits = sum(str(e.get("cache", "")).startswith("hit") for e in entries.values())
@@ -196,7 +205,7 @@ def _build_backend(name: str, ctx: MultiBuildContext, cache: Optional[BuildCache
 
 
 def _parity_gate(name: str, manifest: dict, ctx: MultiBuildContext, cache: Optional[BuildCache], common: dict,
-                 model_digests: dict[str, str], ui: BuildProgress) -> None:
+                 model_digests: dict[str, str], ui: BuildProgress, threads: Optional[int] = None) -> str:
     """Every model through the backend's runtime against its own fp32 reference (recorded in the manifest).
 
     A model whose exact artifacts (backbone and parts, by sha256) already passed the gate against the
@@ -208,7 +217,7 @@ def _parity_gate(name: str, manifest: dict, ctx: MultiBuildContext, cache: Optio
     manifest["backends"][name]["device"] = run_device
     files = manifest["files"]
     backbone_files = _artifact_hashes(files, [manifest["backends"][name]["file"]])
-    parts = None
+    session = None
     with ctx.stage(name, f"parity gate of {len(ctx.models)} models on {run_device}"):
         for label, model in ctx.models.items():
             record = manifest["models"][label]["backends"][name]
@@ -218,12 +227,10 @@ def _parity_gate(name: str, manifest: dict, ctx: MultiBuildContext, cache: Optio
             key = cache_key(**about)
             result = cache.load_record(key) if cache is not None else None
             if result is None:
-                if parts is None:
-                    request = MultiOpenRequest(ctx.directory, manifest["backends"][name], manifest["models"],
-                                               {n: m.config for n, m in ctx.models.items()}, prec,
-                                               torch.device(run_device), None, references=lambda: ctx.models)
-                    parts = spec.impl().open_multi(request)
-                result = check_parity(f"{name} ({label})", ModelRunner(parts, label, model.sequence_length), model,
+                if session is None:
+                    session = open_session(Built(ctx.directory, manifest, references=lambda: ctx.models), name,
+                                           prec.name, run_device, threads)
+                result = check_parity(f"{name} ({label})", functools.partial(session.predict, label), model,
                                       prec, ctx.max_batch)
                 if cache is not None:
                     with contextlib.suppress(OSError):  # a cache that cannot be written does not fail the build
@@ -234,8 +241,9 @@ def _parity_gate(name: str, manifest: dict, ctx: MultiBuildContext, cache: Optio
             how = "the recorded result of these artifacts" if record["parity"]["cache"] == "hit" else "run now"
             ui.note(f"{name} {label}: max relative error {record['parity']['max_rel_err']:.2e} "
                     f"(tolerance {prec.tolerance:g}; {how})")
+    return run_device
 
 
 def _artifact_hashes(files: dict, names: list[str]) -> dict[str, str]:
     """sha256 of each named file and its companions (``NAME.*``) from the manifest's file table, by file name."""
-    return {Path(f).name: rec["sha256"] for f, rec in files.items() for n in names if f == n or f.startswith(n + ".")}
+    return {Path(f).name: files[f]["sha256"] for f in artifact_files(files, names)}

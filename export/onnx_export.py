@@ -20,8 +20,7 @@ from torch import nn
 from stvfm_engine.engine.graph import (FEATURES_NAME, OUTPUT_NAME, TOKENS_NAME, BackboneGraph, PostGraph, PreGraph,
                                        ServingModel, backbone_dynamic_shapes, backbone_example, dynamic_shapes,
                                        example_inputs, input_names, post_dynamic_shapes)
-from stvfm_engine.engine.runtime import ExportError
-from stvfm_engine.errors import first_line
+from stvfm_engine.errors import ExportError, first_line
 from stvfm_engine.model.stvfm import STVFM
 
 OPSET = 18

@@ -1,27 +1,21 @@
 """The parity gate: a built backend must match the fp32 reference on fresh random inputs.
 
 Inputs are drawn from a fresh seed per build (recorded), at batch 1 and a larger odd batch, and go
-through the same :class:`~stvfm_engine.engine.runtime.Runner` and input validation that
-``Engine.predict`` uses. The error is ``||y - y_ref|| / ||y_ref||``.
+through the opened session's ``predict`` (its one input check, then its one scheduler), the path
+``Engine.predict`` takes. The error is ``||y - y_ref|| / ||y_ref||``.
 """
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from stvfm_engine.engine.graph import example_inputs
-from stvfm_engine.engine.inputs import validate_inputs
 from stvfm_engine.engine.precision import Precision
-from stvfm_engine.engine.runtime import Runner
-from stvfm_engine.errors import STVFMError
+from stvfm_engine.errors import ParityError
 from stvfm_engine.model.stvfm import STVFM
-
-
-class ParityError(STVFMError):
-    """A built artifact whose output does not match the reference model within tolerance."""
 
 
 def relative_error(y: np.ndarray, ref: np.ndarray) -> float:
@@ -40,8 +34,10 @@ def parity_batches(max_batch: int) -> list[int]:
     return [1] if big <= 1 else [1, big]
 
 
-def check_parity(name: str, runner: Runner, reference: STVFM, precision: Precision, max_batch: int) -> dict[str, Any]:
-    """Run ``runner`` against ``reference`` (fp32, CPU); the measured figures, or :class:`ParityError`."""
+def check_parity(name: str, predict: Callable[..., np.ndarray], reference: STVFM, precision: Precision,
+                 max_batch: int) -> dict[str, Any]:
+    """``predict(x, tod, dow)`` (an opened session's: check, then run) against ``reference`` (fp32, CPU) at the
+    batches of :func:`parity_batches`; the measured figures, or :class:`ParityError`."""
     seed = secrets.randbits(31)
     gen = torch.Generator().manual_seed(seed)
     errors = {}
@@ -49,8 +45,7 @@ def check_parity(name: str, runner: Runner, reference: STVFM, precision: Precisi
         args = example_inputs(reference, batch=batch, generator=gen)
         with torch.inference_mode():
             ref = reference(*args).numpy()
-        numpy_args = [a.numpy() for a in args] + [None] * (3 - len(args))
-        y = runner(*validate_inputs(reference.config, max_batch, *numpy_args))
+        y = predict(*[a.numpy() for a in args], *[None] * (3 - len(args)))
         errors[str(batch)] = relative_error(y, ref)
     worst = max(errors.values())
     result = {"metric": "||y - y_ref|| / ||y_ref||", "rel_err": errors, "max_rel_err": worst,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stvfm_engine.errors import STVFMError
+from stvfm_engine.errors import KernelArgError, STVFMError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -21,10 +21,6 @@ def interpreted(kernel) -> bool:
 def running_interpreted() -> bool:
     """Whether this process's stvfm kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
     return interpreted(gelu)
-
-
-class KernelArgError(STVFMError, ValueError):
-    """An argument that breaks a public ``torch.ops.stvfm.*`` op's contract (device, shape, dtype, strides)."""
 
 
 def why_not_runnable(device: str | torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:

@@ -4,7 +4,7 @@
 Layout (``format_version`` 1)::
 
     {"format_version": 1,
-     "config": {...STVFMConfig as plain types, start_dow included...},
+     "config": {...STVFMConfig as plain types, calendar included (older files: start_dow)...},
      "normalization": {"mean": [C floats], "std": [C floats]},
      "state_dict": {name: tensor, ...},          # full: the frozen backbone included
      "metrics": {...optional plain numbers...}}
@@ -63,11 +63,29 @@ def check_format(obj: Any, source: Any, kind: str, version: int | dict[int, tupl
         raise error(f"{source}: {kind} lacks {missing}")
 
 
+def _not_a_zip(path: Path) -> Optional[str]:
+    """None for a file that starts as a zip archive (what torch.save writes), else what it is instead."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return None
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"{path.stat().st_size} bytes of another format (starting {head[:8].hex(' ')})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a checkpoint dict. Every failure is a one-line :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found (expected a file written by 'stvfm-engine init' or 'train')")
+    if what := _not_a_zip(path):
+        raise CheckpointError(f"{path}: not a checkpoint: expected a file written by 'stvfm-engine init' or 'train' "
+                              f"(a torch.save zip archive), found {what}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from stvfm_engine.bench.load import connect, infer, infer_inputs
+from stvfm_engine.wire import connect, infer, infer_inputs
 from stvfm_engine.errors import InputError, ServeError
 
 _REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")  # Triton's prefix of a refusal
@@ -17,8 +17,9 @@ class Client:
     """A connection to a server at ``url`` (``http://HOST:PORT``, ``grpc://HOST:PORT`` or ``HOST:PORT``).
 
     ``predict`` raises :class:`InputError` with the server's one-line message when it refuses a request
-    (wrong shape or dtype, NaN, ``tod``/``dow`` out of range) and :class:`ServeError` for anything else
-    (server unreachable, unknown model, a failed inference). Not shared between threads: one per thread.
+    (wrong shape or dtype, NaN, ``tod``/``dow`` out of range, a body over the size limit) and
+    :class:`ServeError` for anything else (server unreachable, unknown model, a full queue or a drain:
+    503, a request past its deadline: 504, a failed inference). Not shared between threads: one per thread.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", model: Optional[str] = None, timeout_s: float = 60.0):
@@ -44,7 +45,7 @@ class Client:
         except InferenceServerException as e:
             status = str(e.status() or "")
             message = _REQUEST_ID.sub("", e.message() or str(e)).split(" NOTE: ")[0]  # Triton's advice follows NOTE
-            if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+            if status in ("400", "413", "StatusCode.INVALID_ARGUMENT"):
                 raise InputError(message) from None
             raise ServeError(f"{self.url} model {model!r}: {message}") from None
         return result.as_numpy("y")

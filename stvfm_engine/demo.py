@@ -19,9 +19,9 @@ def run_demo(max_steps: int = 400, workdir: Optional[str] = None, build: bool = 
              backends: Sequence[str] = ("onnxruntime",)) -> dict:
     from stvfm_engine.model.checkpoint import save_checkpoint
     from stvfm_engine.model.config import from_preset
-    from stvfm_engine.model.data import flow_data_from_array, synthetic_flow
+    from stvfm_engine.model.data import flow_data_from_array, synthetic_flow, windows_for
     from stvfm_engine.model.stvfm import build_model
-    from stvfm_engine.model.train import test_metrics, train, windows_for
+    from stvfm_engine.model.train import split_metrics, train
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     tmp = None
@@ -38,7 +38,7 @@ def run_demo(max_steps: int = 400, workdir: Optional[str] = None, build: bool = 
         model.set_normalization(*data.normalization())
         log(f"demo: training tiny ({config.backbone}, {config.backbone_layers} blocks, frozen) for {max_steps} steps")
         result = train(model, data, max_steps=max_steps, batch_size=32, eval_every=max(1, max_steps // 4))
-        metrics = test_metrics(model, data)
+        metrics = split_metrics(model, data)
         print(f"test split of the synthetic data, raw units ({max_steps} steps, {result.seconds:.0f} s):")
         print(f"  {'forecaster':<20} {'MAE':>9} {'RMSE':>9}")
         for name, m in metrics.items():
@@ -53,7 +53,8 @@ def run_demo(max_steps: int = 400, workdir: Optional[str] = None, build: bool = 
 
         from stvfm_engine.engine.timing import Schedule, time_interleaved
 
-        engine_dir = build_engine(ckpt, work / "demo.engine", backends=backends)
+        # a temporary workdir is gone when the demo ends: its build does not announce a path to keep
+        engine_dir = build_engine(ckpt, work / "demo.engine", backends=backends, progress=tmp is None)
         engine = Engine.load(engine_dir)
         eager = Engine.load(engine_dir, backend="eager")
         x, _, tod, dow = windows_for(model, data, "test").batch(np.array([0]))
@@ -74,4 +75,8 @@ def run_demo(max_steps: int = 400, workdir: Optional[str] = None, build: bool = 
     finally:
         if tmp is not None:
             tmp.cleanup()
+            log("demo: the checkpoint and engine were built in a temporary folder, now removed "
+                "(--workdir DIR keeps them)")
+        else:
+            log(f"demo: checkpoint and engine kept in {work}")
 

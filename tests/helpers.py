@@ -5,11 +5,15 @@ judges an output exactly as the build's parity gate does.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from stvfm_engine.bench.faults import ServeProcess
+from stvfm_engine.engine.precision import get_precision
 from stvfm_engine.engine.registry import get_backend
 from stvfm_engine.export.parity import relative_error
 from stvfm_engine.model.checkpoint import save_checkpoint
@@ -17,7 +21,13 @@ from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import build_model
 
 __all__ = ["rel_err", "relative_error", "random_inputs", "reference_output", "write_checkpoint", "why_not_run",
-           "one_error_line"]
+           "one_error_line", "check_reduced", "within", "CONFIGS"]
+
+
+# every test model's configuration (odd shapes, each backbone family), one row each: add a row there
+# rather than a literal in a test file
+CONFIGS: dict[str, STVFMConfig] = {name: STVFMConfig(**row) for name, row in
+                                   json.loads((Path(__file__).parent / "configs.json").read_text()).items()}
 
 
 def rel_err(a, b) -> float:
@@ -54,6 +64,20 @@ def write_checkpoint(path, config: STVFMConfig, seed: int = 0, mean=None, std=No
     return path
 
 
+def check_reduced(err: float, precision: str, floor: float = 1e-6) -> float:
+    """The one low-precision comparison: a reduced-precision output must be really reduced (its relative
+    error above ``floor``: not an fp32 path in disguise) and within the precision's parity tolerance (the
+    registry's, :data:`stvfm_engine.engine.precision.PRECISIONS`). Returns ``err``."""
+    tol = get_precision(precision).tolerance
+    assert floor < err <= tol, f"{precision}: relative error {err:.3g} is not in ({floor:g}, {tol:g}]"
+    return err
+
+
+def within(err: float, precision: str) -> bool:
+    """``err`` within ``precision``'s parity tolerance."""
+    return err <= get_precision(precision).tolerance
+
+
 def why_not_run(backend: str, device: str) -> Optional[str]:
     """The registry's answer: None when ``backend`` runs on ``device`` here, else why not."""
     return get_backend(backend).why_not_run(device)
@@ -73,86 +97,37 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-class ServerProcess:
-    """``stvfm-engine ARGS`` (a server command) in a subprocess, its stderr kept in a file; every process
-    it starts is found through /proc by parent pid, so a test can check by pid that none is left."""
+class ServerProcess(ServeProcess):
+    """``stvfm-engine serve ARGS`` in a subprocess for a test: the bench's process wrapper (stderr kept in a
+    file, every process it starts found through /proc and sampled), with the tests' idioms: ``args`` start
+    with ``serve``; ``stop()`` returns the exit code and leaves the processes it had to kill in ``leftovers``."""
 
     def __init__(self, args: list[str]):
-        import subprocess
-        import sys
-        import tempfile
-
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "stvfm_engine", *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self.log)
-        self.family: list[int] = []
-
-    def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")
+        assert args[0] == "serve", args
+        super().__init__(args[1:])
+        self.leftovers: list[int] = []
 
     def wait_ready(self, timeout_s: float) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while "serve: ready" not in self.stderr():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"server not ready (exit code {self.proc.poll()}):\n{self.stderr()[-3000:]}")
-            time.sleep(0.25)
-        self.family = self.descendants()
+        super().wait_ready(timeout_s)
+        self.family.update(self._tree())
 
     def descendants(self) -> list[int]:
         """This process and all its live descendants."""
-        import os
+        return self._tree()
 
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(entry))
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo += children.get(pid, [])
-        return out
-
-    @staticmethod
-    def alive(pids: list[int]) -> list[int]:
-        """Those of ``pids`` that still run (zombies awaiting their parent's wait count as gone)."""
-        out = []
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                        out.append(pid)
-            except OSError:
-                pass
-        return out
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        """SIGTERM, wait; whatever of the family is still there afterwards is killed (by pid)."""
-        import os
-        import signal
-        import subprocess
-
-        family = self.family or self.descendants()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self.leftovers = self.alive(family)
-        for pid in self.leftovers:
-            os.kill(pid, signal.SIGKILL)
+    def stop(self, timeout_s: float = 20.0) -> int:  # type: ignore[override]
+        code, self.leftovers = super().stop(timeout_s)
         return code
+
+
+def setter(path: list, value):
+    """``change(obj)`` that sets ``obj[path[0]]...[path[-1]] = value`` (a nested JSON document edited in place)."""
+    def change(obj):
+        node = obj
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return change
 
 
 def one_error_line(err: str, command: str) -> str:

@@ -13,13 +13,12 @@ import torch
 from stvfm_engine import load_model, save_checkpoint
 from stvfm_engine.cli import main
 from stvfm_engine.errors import CheckpointError
-from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.data import Windows, flow_data_from_array, load_flow_data, synthetic_flow
 from stvfm_engine.model.stvfm import build_model
 from stvfm_engine.model.train import train
+from helpers import CONFIGS
 
-SMALL = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, height=6, width=5, channels=2, patch=2,
-                    history=4, horizon=2, prompts=3, adapter_dim=8, steps_per_day=48)
+SMALL = CONFIGS["vit-tiny-c2-6x5-p2-T4-H2-day48"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -32,7 +31,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     m.set_normalization([3.0, 4.0], [2.0, 0.5])
     path = save_checkpoint(m, tmp_path / "m.pt")
     raw = torch.load(path, weights_only=True)
-    assert raw["format_version"] == 1 and raw["config"]["start_dow"] == 0
+    assert raw["format_version"] == 1 and raw["config"]["calendar"] is None and "start_dow" not in raw["config"]
     assert raw["normalization"] == {"mean": [3.0, 4.0], "std": [2.0, 0.5]}
     m2 = load_model(path)
     assert not m2.training and m2.config == m.config
@@ -93,7 +92,12 @@ def test_truncated_random_and_missing_files(tmp_path):
     good = save_checkpoint(build_model(SMALL, seed=0), tmp_path / "good.pt")
     (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:5000])
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
-    for name in ("trunc.pt", "random.pt", "missing.pt"):
+    (tmp_path / "notes.txt").write_text("bike model, trained 2026-11-01\n")
+    with pytest.raises(CheckpointError, match="notes.txt: not a checkpoint: expected a file written by "
+                                              r"'stvfm-engine init' or 'train' \(a torch.save zip archive\), "
+                                              "found a text file"):
+        load_model(tmp_path / "notes.txt")
+    for name in ("trunc.pt", "random.pt", "missing.pt", "notes.txt"):
         with pytest.raises(CheckpointError):
             load_model(tmp_path / name)
         r = run_cli("eval", str(tmp_path / name), "--data", "x")

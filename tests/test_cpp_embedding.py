@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import write_checkpoint
+from helpers import CONFIGS, write_checkpoint
 from stvfm_engine.engine import Engine, reference_model
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.export.parity import relative_error
-from stvfm_engine.model.config import STVFMConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "cpp")
@@ -25,8 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or CXX is None,
                                 reason="the C++ example needs cmake and a C++ compiler")
 
 # distilled DeiT (2 prefix tokens), 1 block, time inputs, grid 10x6 not divisible by p=4, C=2
-CONFIG = STVFMConfig(backbone="deit_tiny_distilled_patch16_224", backbone_layers=1, channels=2, height=10, width=6,
-                     patch=4, history=4, horizon=2, steps_per_day=12, adapter_dim=16, prompts=3)
+CONFIG = CONFIGS["deit-tiny-distilled-c2-10x6-p4-T4-H2-day12"]
 
 
 def _run(cmd, **kwargs):

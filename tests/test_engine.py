@@ -14,18 +14,17 @@ import pytest
 import torch
 
 from stvfm_engine.cli import main
-from helpers import why_not_run
-from stvfm_engine.engine import Engine, reference_model, validate_inputs
-from stvfm_engine.errors import InputError, STVFMError
+from helpers import CONFIGS, why_not_run
+from stvfm_engine.engine import Engine, open_session, reference_model
+from stvfm_engine.engine.inputs import validate_inputs
+from stvfm_engine.errors import EngineDirError, InputError, STVFMError
 from stvfm_engine.export.build import build_engine
-from stvfm_engine.engine.manifest import EngineDirError
 from stvfm_engine.export.parity import relative_error
 from stvfm_engine.model.checkpoint import save_checkpoint
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import build_model
 
-CONFIG = STVFMConfig(backbone="vit_small_patch14_reg4_dinov2", backbone_layers=1, channels=3, height=13, width=7,
-                     patch=2, history=6, horizon=2, steps_per_day=24, adapter_dim=16, prompts=4, heads=6)
+CONFIG = CONFIGS["dinov2-small-reg4-c3-13x7-p2-T6-H2-day24"]
 MAX_BATCH = 6
 SHAPE = [CONFIG.history, CONFIG.channels, CONFIG.height, CONFIG.width]
 
@@ -86,6 +85,33 @@ def test_loading_keeps_process_settings(engine_dir):
     assert (torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()) == before
 
 
+def test_session_checks_once_and_schedules_requests_into_max_batch_calls(engine_dir, ref):
+    """Engine.predict_many is the session's check of each request, then its one scheduler: requests in order,
+    consecutive ones joined while they fit in max_batch (6), never split; answers equal one-by-one predicts."""
+    session = open_session(engine_dir, "onnxruntime")
+    rng = np.random.default_rng(17)
+    batches = [inputs(b, rng) for b in (2, 3, 4, 1, 6, 5)]  # calls: [2, 3], [4, 1], [6], [5]
+    checked = [session.check(None, *b) for b in batches]
+    assert [r.batch for r in checked] == [2, 3, 4, 1, 6, 5] and checked[0].x.dtype == np.float32
+    before = session.backbone_calls
+    ys = session.run(checked)
+    assert session.backbone_calls - before == 4
+    for y, b in zip(ys, batches):
+        assert relative_error(y, reference(ref, *b)) <= 1e-4
+    with pytest.raises(InputError, match="unknown model 'other'"):
+        session.check("other", *batches[0])
+    engine = Engine.load(engine_dir, backend="onnxruntime")
+    assert engine.session.models == session.models and list(session.models) == [engine_dir.resolve().name]
+    assert all(np.array_equal(a, b) for a, b in zip(engine.predict_many([(None, *b) for b in batches]), ys))
+
+
+def test_a_bench_baseline_opens_only_through_the_bench(engine_dir):
+    with pytest.raises(STVFMError, match="unknown backend 'compile'"):
+        open_session(engine_dir, "compile")
+    with pytest.raises(STVFMError, match="unknown backend 'compile'"):
+        Engine.load(engine_dir, backend="compile")
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
 def test_engine_is_safe_to_call_from_threads(engine_dir, backend):
     engine = Engine.load(engine_dir, backend=backend)
@@ -143,14 +169,14 @@ def test_bad_inputs_fail_before_any_backend_runs(engine_dir, kwargs, message):
     def must_not_run(*args):
         raise AssertionError("the backend ran on invalid input")
 
-    engine._runner = must_not_run
+    engine.session._runner = must_not_run
     with pytest.raises(InputError) as info:
         engine.predict(**kwargs)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_validation_of_a_model_without_time_inputs():
-    cfg = STVFMConfig(steps_per_day=0, history=3, channels=1, height=4, width=5)
+    cfg = CONFIGS["vit-tiny-c1-4x5-T3-notime"]
     x = np.random.default_rng(0).standard_normal((2, 3, 1, 4, 5))
     vx, tod, dow = validate_inputs(cfg, 4, x)
     assert vx.dtype == np.float32 and tod is None and dow is None

@@ -17,17 +17,15 @@ import torch
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import write_checkpoint
+from helpers import CONFIGS, write_checkpoint
 from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine
 from stvfm_engine.errors import InputError
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.export.parity import relative_error
 from stvfm_engine.model.checkpoint import load_model
-from stvfm_engine.model.config import STVFMConfig
 
-CONFIG = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, channels=2, height=5, width=4, patch=2,
-                     history=3, horizon=2, steps_per_day=12, adapter_dim=8, prompts=2)
+CONFIG = CONFIGS["vit-tiny-c2-5x4-p2-T3-H2-day12"]
 MAX_BATCH = 5
 X_TAIL = [CONFIG.history, CONFIG.channels, CONFIG.height, CONFIG.width]
 

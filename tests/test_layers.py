@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("model", "kernels", "engine", "export", "bench")  # lowest first; the top package is above them all
-GROUND = {"errors", "atomic", "version"}  # modules of the top package that import no layer
+GROUND = {"errors", "atomic", "version", "wire"}  # modules of the top package that import no layer
 
 
 def _packages() -> dict[str, Path]:
@@ -71,3 +71,38 @@ def test_backend_names_are_listed_together_only_in_the_registry():
                 if len(found & names) >= 3:
                     listing.append(module)
     assert set(listing) <= {"stvfm_engine.engine.registry"}, listing
+
+
+def _calls(name: str) -> list[str]:
+    """Where product code calls ``name(...)`` (a plain or attribute call), as ``path:line``."""
+    found = []
+    for _, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                if (isinstance(f, ast.Name) and f.id == name) or (isinstance(f, ast.Attribute) and f.attr == name):
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_one_way_to_open_check_and_schedule():
+    """engine/session.py is the one place that opens a model (OpenRequest / MultiOpenRequest built once each)
+    and checks inputs (validate_inputs called once); servers never batch beside the session."""
+    for name in ("OpenRequest", "MultiOpenRequest", "validate_inputs"):
+        calls = _calls(name)
+        assert len(calls) == 1 and calls[0].startswith("engine/session.py"), f"{name}: {calls}"
+    names = {n.id if isinstance(n, ast.Name) else n.name for _, path in _modules()
+             for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Name, ast.FunctionDef, ast.ClassDef))}
+    assert not names & {"MixedBatchRunner", "BatchRunner", "_chunks"}
+
+
+def test_backend_modules_import_only_the_engine_core():
+    """A backend module never imports another backend module (shared helpers live in the engine core)."""
+    prefix = "stvfm_engine.engine.backends."
+    crossing = []
+    for module, path in _modules():
+        if module.startswith(prefix):
+            own = module[len(prefix):].split(".")[0]
+            crossing += [f"{path.relative_to(REPO)} imports {t}" for t in _imports(module, path)
+                         if t.startswith(prefix) and t[len(prefix):].split(".")[0] != own]
+    assert not crossing, "\n".join(crossing)

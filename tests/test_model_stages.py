@@ -10,19 +10,16 @@ import torch
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import (LN_EPS, PromptAttention, TokenAdapter, build_model, normalize, patchify,
                                       temporal_difference, unpatchify)
+from helpers import CONFIGS
 
 # Small odd configurations: grids not divisible by the patch, C != 2, time on/off, odd prompt counts,
 # non-default heads, several backbone families (class token; class+distillation; class+registers;
 # CLIP's pre-norm).
-CONFIGS = {
-    "tiny-odd": STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, height=9, width=5, channels=3,
-                            patch=2, history=4, horizon=3, prompts=3, adapter_dim=16, steps_per_day=24),
-    "deit-distilled": STVFMConfig(backbone="deit_tiny_distilled_patch16_224", backbone_layers=1, height=7, width=6,
-                                  channels=1, patch=3, history=5, horizon=2, prompts=5, heads=4, steps_per_day=0),
-    "dinov2-reg": STVFMConfig(backbone="vit_small_patch14_reg4_dinov2", backbone_layers=1, height=6, width=10,
-                              channels=2, patch=1, history=3, horizon=1, prompts=7, heads=2, adapter_dim=8),
-    "clip": STVFMConfig(backbone="vit_base_patch16_clip_224.openai", backbone_layers=1, height=5, width=5,
-                        channels=2, patch=4, history=6, horizon=2, prompts=2, adapter_dim=8, steps_per_day=0),
+CASES = {
+    "tiny-odd": CONFIGS["vit-tiny-c3-9x5-p2-T4-H3-day24"],
+    "deit-distilled": CONFIGS["deit-tiny-distilled-c1-7x6-p3-T5-H2-notime"],
+    "dinov2-reg": CONFIGS["dinov2-small-reg4-c2-6x10-p1-T3-H1-day48"],
+    "clip": CONFIGS["clip-base-c2-5x5-p4-T6-H2-notime"],
 }
 
 
@@ -31,9 +28,9 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=sorted(CASES))
 def model(request):
-    return build_model(CONFIGS[request.param], seed=3)
+    return build_model(CASES[request.param], seed=3)
 
 
 def inputs(config: STVFMConfig, batch: int, seed: int = 0):
@@ -171,7 +168,7 @@ def test_backbone_matches_timm_own_token_path(model):
 def test_prefix_token_counts_per_family():
     counts = {"tiny-odd": 1, "deit-distilled": 2, "dinov2-reg": 5, "clip": 1}
     for name, n in counts.items():
-        m = build_model(CONFIGS[name], seed=0)
+        m = build_model(CASES[name], seed=0)
         assert m.backbone.num_prefix_tokens == n
         assert m.backbone.prefix.shape == (1, n, m.dim)
 
@@ -223,7 +220,7 @@ def test_one_backbone_call_on_2B(model):
 
 
 def test_time_inputs_change_output_only_when_used():
-    c = CONFIGS["tiny-odd"]
+    c = CASES["tiny-odd"]
     m = build_model(c, seed=1)
     with torch.no_grad():
         m.adapter_r.tod_embed.normal_()
@@ -235,7 +232,7 @@ def test_time_inputs_change_output_only_when_used():
 
 
 def test_normalisation_is_applied_and_undone():
-    c = CONFIGS["deit-distilled"]
+    c = CASES["deit-distilled"]
     m = build_model(c, seed=2)
     x, _, _ = inputs(c, 2)
     with torch.inference_mode():
@@ -247,6 +244,6 @@ def test_normalisation_is_applied_and_undone():
 
 
 def test_frozen_split():
-    m = build_model(CONFIGS["tiny-odd"], seed=0)
+    m = build_model(CASES["tiny-odd"], seed=0)
     for name, p in m.named_parameters():
         assert p.requires_grad == (not name.startswith("backbone.")), name

@@ -15,31 +15,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import one_error_line, random_inputs, reference_output, rel_err, write_checkpoint
+from helpers import CONFIGS, one_error_line, random_inputs, reference_output, rel_err, write_checkpoint
 from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine
 from stvfm_engine.engine.manifest import is_multi, read_manifest, sha256_file
 from stvfm_engine.engine.multi import Request, schedule
-from stvfm_engine.errors import InputError, STVFMError
-from stvfm_engine.export.atomic_dir import BuildError
+from stvfm_engine.errors import BuildError, InputError, STVFMError
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.export.cache import BuildCache
 from stvfm_engine.export.multi_build import build_multi_engine
 from stvfm_engine.model.checkpoint import load_model, save_checkpoint
-from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.train import load_backbone_weights
 
-TINY = dict(backbone="vit_tiny_patch16_224", backbone_layers=1)
-CONFIGS = {
+MODELS = {
     # 14x8 at p=2: 28 tokens + the class token = sequences of 29; time inputs
-    "bike": STVFMConfig(**TINY, height=14, width=8, channels=2, patch=2, history=12, horizon=1, steps_per_day=48,
-                        adapter_dim=16, prompts=4),
+    "bike": CONFIGS["vit-tiny-c2-14x8-p2-T12-H1-day48"],
     # 10x6 at p=2: 15 tokens (sequences of 16); C=3, no time inputs, horizon 3
-    "taxi": STVFMConfig(**TINY, height=10, width=6, channels=3, patch=2, history=6, horizon=3, steps_per_day=0,
-                        adapter_dim=8, prompts=2, heads=3),
+    "taxi": CONFIGS["vit-tiny-c3-10x6-p2-T6-H3-notime"],
     # 8x14 at p=2: 28 tokens like bike (shares its backbone calls), C=1, 24 steps a day
-    "subway": STVFMConfig(**TINY, height=8, width=14, channels=1, patch=2, history=5, horizon=2, steps_per_day=24,
-                          adapter_dim=8, prompts=3),
+    "subway": CONFIGS["vit-tiny-c1-8x14-p2-T5-H2-day24"],
 }
 MAX_BATCH = 6
 TOL = 1e-5  # fp32: multi-model vs one-model engines, and vs the reference
@@ -57,9 +51,9 @@ def shared_checkpoint(path, config, seed, backbone_from):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
-    ckpts = {"bike": write_checkpoint(root / "bike.pt", CONFIGS["bike"], seed=1)}
+    ckpts = {"bike": write_checkpoint(root / "bike.pt", MODELS["bike"], seed=1)}
     for i, name in enumerate(("taxi", "subway"), start=2):
-        ckpts[name] = shared_checkpoint(root / f"{name}.pt", CONFIGS[name], seed=i, backbone_from=ckpts["bike"])
+        ckpts[name] = shared_checkpoint(root / f"{name}.pt", MODELS[name], seed=i, backbone_from=ckpts["bike"])
     cache = root / "cache"
     multi = build_multi_engine([ckpts["bike"], ckpts["taxi"]], root / "nyc.engine", max_batch=MAX_BATCH,
                                cache_dir=cache, progress=False)
@@ -231,8 +225,8 @@ def test_bad_requests_are_one_line_errors_naming_the_request(world):
 # ----------------------------------------------------------------------------- build refusals and the cache
 def test_mismatched_backbones_are_refused_by_name(world, tmp_path, capsys):
     ck = world["ckpts"]
-    other = write_checkpoint(tmp_path / "other.pt", CONFIGS["taxi"], seed=9)  # its own random backbone
-    deeper = write_checkpoint(tmp_path / "deeper.pt", CONFIGS["taxi"].replace(backbone_layers=2), seed=2)
+    other = write_checkpoint(tmp_path / "other.pt", MODELS["taxi"], seed=9)  # its own random backbone
+    deeper = write_checkpoint(tmp_path / "deeper.pt", MODELS["taxi"].replace(backbone_layers=2), seed=2)
     out = tmp_path / "bad.engine"
     with pytest.raises(BuildError, match=r"other.pt: backbone tensor backbone\.\S+ differs from \S*bike.pt's"):
         build_multi_engine([ck["bike"], other], out, cache_dir=world["cache"], progress=False)
@@ -339,7 +333,7 @@ def test_parts_export_falls_back_to_the_dynamo_exporter(world, tmp_path, monkeyp
 
     from stvfm_engine.engine.graph import PostGraph, PreGraph, input_names
     from stvfm_engine.export import onnx_export
-    from stvfm_engine.engine.runtime import ExportError
+    from stvfm_engine.errors import ExportError
 
     model = world["refs"]["taxi"]
     used = []
@@ -372,8 +366,7 @@ def test_parts_export_of_a_grid_the_patch_does_not_divide(tmp_path):
     from stvfm_engine.engine.graph import PostGraph, PreGraph, example_inputs, input_names
     from stvfm_engine.export.onnx_export import export_parts
 
-    config = STVFMConfig(**TINY, channels=3, height=13, width=7, patch=2, history=5, horizon=2, steps_per_day=24,
-                         adapter_dim=8, prompts=3, heads=3)
+    config = CONFIGS["vit-tiny-c3-13x7-p2-T5-H2-day24"]
     model = load_model(write_checkpoint(tmp_path / "odd.pt", config, seed=3))
     pre, post = export_parts(model, tmp_path / "pre.onnx", tmp_path / "post.onnx", 8)
     for batch in (1, 5, 8):

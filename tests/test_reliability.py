@@ -25,18 +25,18 @@ import pytest
 import torch
 
 from stvfm_engine.cli import main
-from stvfm_engine.engine import Engine, reference_model, validate_inputs
+from stvfm_engine.engine import Engine, reference_model
+from stvfm_engine.engine.inputs import validate_inputs
 from stvfm_engine.engine import BackendError, get_backend
 from stvfm_engine.export.atomic_dir import clean_stale
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.engine.manifest import read_manifest, sha256_file, verify_files
 from stvfm_engine.export.parity import ParityError, relative_error
 from stvfm_engine.model.checkpoint import save_checkpoint
-from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import build_model
+from helpers import CONFIGS
 
-CONFIG = STVFMConfig(backbone="deit_tiny_distilled_patch16_224", backbone_layers=1, channels=2, height=7, width=6,
-                     patch=2, history=4, horizon=2, steps_per_day=24, adapter_dim=8, prompts=3)
+CONFIG = CONFIGS["deit-tiny-distilled-c2-7x6-p2-T4-H2-day24"]
 MAX_BATCH = 8
 X_SHAPE = [CONFIG.history, CONFIG.channels, CONFIG.height, CONFIG.width]
 

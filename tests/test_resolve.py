@@ -7,7 +7,7 @@ import re
 import pytest
 
 from stvfm_engine.engine.resolve import Choice, resolve
-from stvfm_engine.engine.runtime import BackendError
+from stvfm_engine.errors import BackendError
 
 
 def manifest(*entries, default=None):

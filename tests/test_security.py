@@ -34,17 +34,16 @@ import torch
 
 from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine
-from stvfm_engine.errors import CheckpointError, STVFMError
+from stvfm_engine.errors import CheckpointError, EngineDirError, ParityError, STVFMError
 from stvfm_engine.export.build import build_engine
-from stvfm_engine.engine.manifest import EngineDirError, sha256_file
+from stvfm_engine.engine.manifest import sha256_file
 from stvfm_engine.engine.registry import names
-from stvfm_engine.export.parity import ParityError, relative_error
+from stvfm_engine.export.parity import relative_error
 from stvfm_engine.model.checkpoint import checkpoint_dict, load_model, read_checkpoint, save_checkpoint
-from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import build_model
+from helpers import CONFIGS, setter
 
-CONFIG = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, channels=2, height=6, width=5, patch=2,
-                     history=4, horizon=2, steps_per_day=48, adapter_dim=8, prompts=3)
+CONFIG = CONFIGS["vit-tiny-c2-6x5-p2-T4-H2-day48"]
 MAX_BATCH = 4
 X_SHAPE = [CONFIG.history, CONFIG.channels, CONFIG.height, CONFIG.width]
 
@@ -242,41 +241,32 @@ def rewrite_manifest(directory: Path, change) -> None:
     (directory / "manifest.json").write_bytes(text)
 
 
-def _set(path: list, value):
-    def change(m):
-        node = m
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = value
-    return change
-
-
 MALFORMED = {
     "not json": (lambda m: "{'format_version': 1", "unreadable manifest"),
     "a list": (lambda m: "[1, 2, 3]", "expected a manifest (a JSON object / dict), found list"),
     "binary": (lambda m: b"\xff\xfe\x00garbage", "unreadable manifest"),
-    "format 3": (_set(["format_version"], 3), "unknown manifest format_version 3; this stvfm-engine reads 1 or 2"),
-    "format '1'": (_set(["format_version"], "1"), "unknown manifest format_version '1'"),
+    "format 3": (setter(["format_version"], 3), "unknown manifest format_version 3; this stvfm-engine reads 1 or 2"),
+    "format '1'": (setter(["format_version"], "1"), "unknown manifest format_version '1'"),
     "no format": (lambda m: m.pop("format_version") and None, "unknown manifest format_version None"),
     "no files": (lambda m: m.pop("files") and None, "manifest lacks ['files']"),
-    "files a list": (_set(["files"], []), "expected objects for config, normalization, io, files and backends"),
-    "backends a string": (_set(["backends"], "onnxruntime"), "expected objects"),
-    "config a string": (_set(["config"], "__import__('os')"), "expected objects"),
-    "max_batch text": (_set(["max_batch"], "64; rm -rf /"), "expected max_batch an integer >= 1, found '64; rm -rf /'"),
-    "max_batch 0": (_set(["max_batch"], 0), "expected max_batch an integer >= 1, found 0"),
-    "max_batch bool": (_set(["max_batch"], True), "expected max_batch an integer >= 1, found True"),
-    "sha not hex": (_set(["files", "model.onnx", "sha256"], "x" * 64), "expected files['model.onnx'] as"),
-    "file record null": (_set(["files", "model.onnx"], None), "expected files['model.onnx'] as"),
-    "path traversal": (_set(["files", "../good.pt"], {"sha256": "0" * 64, "bytes": 1}),
+    "files a list": (setter(["files"], []), "expected objects for config, normalization, io, files and backends"),
+    "backends a string": (setter(["backends"], "onnxruntime"), "expected objects"),
+    "config a string": (setter(["config"], "__import__('os')"), "expected objects"),
+    "max_batch text": (setter(["max_batch"], "64; rm -rf /"), "expected max_batch an integer >= 1, found '64; rm -rf /'"),
+    "max_batch 0": (setter(["max_batch"], 0), "expected max_batch an integer >= 1, found 0"),
+    "max_batch bool": (setter(["max_batch"], True), "expected max_batch an integer >= 1, found True"),
+    "sha not hex": (setter(["files", "model.onnx", "sha256"], "x" * 64), "expected files['model.onnx'] as"),
+    "file record null": (setter(["files", "model.onnx"], None), "expected files['model.onnx'] as"),
+    "path traversal": (setter(["files", "../good.pt"], {"sha256": "0" * 64, "bytes": 1}),
                        "file name '../good.pt' is not a plain relative path inside the directory"),
-    "absolute path": (_set(["files", "/etc/passwd"], {"sha256": "0" * 64, "bytes": 1}),
+    "absolute path": (setter(["files", "/etc/passwd"], {"sha256": "0" * 64, "bytes": 1}),
                       "file name '/etc/passwd' is not a plain relative path"),
-    "bad device": (_set(["backends", "onnxruntime", "device"], "abacus"),
+    "bad device": (setter(["backends", "onnxruntime", "device"], "abacus"),
                    "expected backends['onnxruntime'] with file, precision and device (cpu or cuda[:N])"),
-    "entry null": (_set(["backends", "onnxruntime"], None), "expected backends['onnxruntime']"),
-    "versions null": (_set(["versions"], None), "expected versions an object"),
-    "config key": (_set(["config", "evil"], 1), "unknown config keys ['evil']"),
-    "hub backbone": (_set(["config", "backbone"], "hf-hub:attacker/model"), "backbone must be a plain timm model name"),
+    "entry null": (setter(["backends", "onnxruntime"], None), "expected backends['onnxruntime']"),
+    "versions null": (setter(["versions"], None), "expected versions an object"),
+    "config key": (setter(["config", "evil"], 1), "unknown config keys ['evil']"),
+    "hub backbone": (setter(["config", "backbone"], "hf-hub:attacker/model"), "backbone must be a plain timm model name"),
 }
 
 
@@ -298,7 +288,7 @@ def test_malformed_or_malicious_manifest_is_refused(world, tmp_path, capsys, cas
 
 def test_inspect_refuses_malformed_manifest(world, tmp_path, capsys):
     d = copy_engine(world, tmp_path)
-    rewrite_manifest(d, _set(["files", "../../etc/shadow"], {"sha256": "0" * 64, "bytes": 1}))
+    rewrite_manifest(d, setter(["files", "../../etc/shadow"], {"sha256": "0" * 64, "bytes": 1}))
     assert main(["inspect", str(d), "--verify"]) == 2
     assert "not a plain relative path" in one_error_line(capsys.readouterr().err, "inspect")
 
@@ -365,7 +355,7 @@ def test_external_data_and_unbuilt_artifacts_are_verified(world, tmp_path):
     before TensorRT is needed at all."""
     d = copy_engine(world, tmp_path)
     (d / "model.onnx.data").write_bytes(b"external weights")
-    rewrite_manifest(d, _set(["files", "model.onnx.data"], {"sha256": sha256_file(d / "model.onnx.data"), "bytes": 16}))
+    rewrite_manifest(d, setter(["files", "model.onnx.data"], {"sha256": sha256_file(d / "model.onnx.data"), "bytes": 16}))
     Engine.load(d, backend="onnxruntime")  # listed and intact: loads
     (d / "model.onnx.data").write_bytes(b"external weightz")
     with pytest.raises(EngineDirError, match="model.onnx.data does not match its sha256"):

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from helpers import rel_err
-from stvfm_engine.engine.triton_backend import bucket_for, copy_padded, graph_buckets, load_triton_backend
+from helpers import CONFIGS, rel_err
+from stvfm_engine.engine.backends.triton import bucket_for, copy_padded, graph_buckets, load_triton_backend
 from stvfm_engine.errors import InputError, STVFMError
 from stvfm_engine.model.config import STVFMConfig, from_preset
 from stvfm_engine.model.stvfm import build_model
@@ -19,16 +19,10 @@ from stvfm_engine.model.stvfm import build_model
 OPS = ("stvfm::flow_patchify", "stvfm::token_adapter", "stvfm::prompt_condition", "stvfm::bilateral_attention")
 MAX_BATCH = 4  # buckets 1, 2, 4: batch 3 runs padded
 
-CONFIGS = {  # small backbones, one block: odd grids, C != 2, patch 1-3, M 3-8, with and without time inputs
-    "vit-tiny-time": STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, history=4, horizon=2,
-                                 channels=3, height=7, width=9, patch=2, adapter_dim=24, prompts=5,
-                                 steps_per_day=10),
-    "deit-distilled-notime": STVFMConfig(backbone="deit_tiny_distilled_patch16_224", backbone_layers=1,
-                                         history=3, channels=2, height=5, width=6, patch=1, adapter_dim=16,
-                                         prompts=3, steps_per_day=0),
-    "reg-token-p3": STVFMConfig(backbone="vit_wee_patch16_reg1_gap_256", backbone_layers=1, history=5,
-                                channels=1, height=10, width=8, patch=3, adapter_dim=20, prompts=8,
-                                steps_per_day=48),
+CASES = {  # small backbones, one block: odd grids, C != 2, patch 1-3, M 3-8, with and without time inputs
+    "vit-tiny-time": CONFIGS["vit-tiny-c3-7x9-p2-T4-H2-day10"],
+    "deit-distilled-notime": CONFIGS["deit-tiny-distilled-c2-5x6-p1-T3-H1-notime"],
+    "reg-token-p3": CONFIGS["vit-wee-reg1-c1-10x8-p3-T5-H1-day48"],
 }
 
 
@@ -42,7 +36,7 @@ def with_norm(model, seed=0):
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: with_norm(build_model(cfg, seed=i), i) for i, (name, cfg) in enumerate(CONFIGS.items())}
+    return {name: with_norm(build_model(cfg, seed=i), i) for i, (name, cfg) in enumerate(CASES.items())}
 
 
 def inputs(cfg: STVFMConfig, B: int, device="cpu"):
@@ -128,7 +122,7 @@ def test_padded_rows_do_not_change_the_answer(models, device):
 
 
 def test_same_model_without_time_inputs(device):
-    cfg = CONFIGS["vit-tiny-time"].replace(steps_per_day=0)
+    cfg = CASES["vit-tiny-time"].replace(steps_per_day=0)
     model = with_norm(build_model(cfg, seed=7))
     fn = load_triton_backend(model, "fp32", device, max_batch=2)
     x, tod, dow = inputs(cfg, 2, device)
@@ -173,7 +167,7 @@ def test_refuses_unknown_precision_and_device(models):
 
 def test_refuses_cpu_without_the_interpreter_from_the_start():
     code = ("import os\n"
-            "from stvfm_engine.engine.triton_backend import load_triton_backend\n"
+            "from stvfm_engine.engine.backends.triton import load_triton_backend\n"
             "from stvfm_engine.errors import STVFMError\n"
             "for step in ('unset', 'set late'):\n"
             "    try:\n        load_triton_backend(None, 'fp32', 'cpu')\n"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import shutil
 import sys
 from typing import Any, Optional
 
@@ -14,16 +12,8 @@ import torch
 from stvfm_engine.engine.graph import ServingModel, dynamic_shapes, example_inputs
 from stvfm_engine.engine.precision import Precision
 from stvfm_engine.engine.registry import Artifact, BuildContext, OpenRequest
-from stvfm_engine.engine.runtime import BackendError, ExportError, Runner, TorchRunner, major_minor
-from stvfm_engine.errors import first_line
-
-
-def which_compiler() -> Optional[str]:
-    """The C++ compiler AOTInductor would use, or None."""
-    for name in filter(None, (os.environ.get("CXX"), "g++", "clang++", "c++")):
-        if path := shutil.which(name):
-            return path
-    return None
+from stvfm_engine.engine.runtime import Runner, TorchRunner, major_minor, quiet_cuda_probes, which_compiler
+from stvfm_engine.errors import BackendError, ExportError, first_line
 
 
 def why_not_run(device: torch.device) -> Optional[str]:
@@ -46,6 +36,7 @@ def version_problem(manifest: dict[str, Any]) -> Optional[str]:
 
 
 def build(ctx: BuildContext) -> Artifact:
+    quiet_cuda_probes()
     path = ctx.directory / "model.pt2"
     with ctx.stage("aoti", f"torch.export + AOTInductor compile ({ctx.device}, {ctx.precision.name})"):
         # a copy: moving the shared fp32 build model to the device would break the other builders' parity runs

@@ -20,15 +20,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from stvfm_engine.engine.graph import FEATURES_NAME, OUTPUT_NAME, TOKENS_NAME, input_names
+from stvfm_engine.engine.graph import FEATURES_NAME, INT8_SCOPE, OUTPUT_NAME, TOKENS_NAME, input_names, weight_matmuls
 from stvfm_engine.engine.multi import Parts
 from stvfm_engine.engine.precision import Precision
 from stvfm_engine.engine.registry import Artifact, BuildContext, MultiBuildContext, MultiOpenRequest, OpenRequest
-from stvfm_engine.engine.runtime import BackendError, Runner, missing, output, rebuild_hint, to_numpy, to_torch
-from stvfm_engine.errors import ConfigError, first_line
+from stvfm_engine.engine.runtime import Runner, missing, output, rebuild_hint, to_numpy, to_torch
+from stvfm_engine.errors import BackendError, ConfigError, first_line
 from stvfm_engine.model.config import STVFMConfig
 
-INT8_SCOPE = "backbone"  # the module whose weight matmuls int8 quantises
 BACKBONE_NAME = "backbone.onnx"  # a multi-model directory's shared backbone
 
 
@@ -68,25 +67,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another file system, or no hard links there
         shutil.copy2(src, dst)
-
-
-def weight_matmuls(onnx_path: str | os.PathLike, scope: str = INT8_SCOPE) -> list[str]:
-    """Names of the MatMul/Gemm nodes with a constant weight inside the module ``scope`` ("" = everywhere)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    consts = {i.name for i in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    names = []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in consts:
-            continue
-        # namespace: ": Root/attr: Class/attr.sub: Class/..." -> the module path of each level
-        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        paths = [seg.split(":", 1)[0].strip() for seg in namespace.split("/")[1:]]
-        if not scope or any(scope in path.split(".") for path in paths):
-            names.append(node.name)
-    return names
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, scope: str = INT8_SCOPE) -> dict:

@@ -19,17 +19,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from stvfm_engine.engine.backends.onnxruntime import INT8_SCOPE, weight_matmuls
-from stvfm_engine.engine.graph import input_names
+from stvfm_engine.engine.graph import INT8_SCOPE, input_names, weight_matmuls
 from stvfm_engine.engine.precision import Precision
 from stvfm_engine.engine.registry import Artifact, BuildContext, OpenRequest
-from stvfm_engine.engine.runtime import (BackendError, ExportError, Runner, installed_version, major_minor, missing,
-                                         rebuild_hint, to_numpy)
-from stvfm_engine.errors import first_line
+from stvfm_engine.engine.runtime import Runner, installed_version, major_minor, missing, rebuild_hint, to_numpy
+from stvfm_engine.errors import BackendError, ExportError, first_line
 from stvfm_engine.model.config import STVFMConfig
-from stvfm_engine.model.data import flow_data_from_array, load_flow_data, synthetic_flow
+from stvfm_engine.model.data import flow_data_from_array, load_flow_data, synthetic_flow, windows_for
 from stvfm_engine.model.stvfm import STVFM
-from stvfm_engine.model.train import windows_for
 
 XML = "model.xml"
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the quantised matmuls run int8, the rest f32

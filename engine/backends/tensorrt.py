@@ -22,8 +22,9 @@ import torch
 from stvfm_engine.engine.graph import OUTPUT_NAME, input_names
 from stvfm_engine.engine.precision import Precision
 from stvfm_engine.engine.registry import Artifact, BuildContext, OpenRequest
-from stvfm_engine.engine.runtime import BackendError, ExportError, Runner, installed_version, missing, output, to_torch
+from stvfm_engine.engine.runtime import Runner, installed_version, missing, output, to_torch
 from stvfm_engine.model.config import STVFMConfig
+from stvfm_engine.errors import BackendError, ExportError
 
 PLAN_NAME = "model.plan"
 TIMING_CACHE_NAME = "model.timing.cache"

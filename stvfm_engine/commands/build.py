@@ -6,8 +6,9 @@ import json
 import sys
 
 from stvfm_engine.commands.common import positive_int
-from stvfm_engine.engine.precision import PRECISIONS
-from stvfm_engine.engine.registry import BACKENDS, names
+from stvfm_engine.engine.precision import PRECISIONS, tolerances_text
+from stvfm_engine.engine.registry import BACKENDS, DEFAULT_MAX_BATCH, names
+from stvfm_engine.export.gates import DEFAULT_MAX_MAE_LOSS
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -22,21 +23,24 @@ def _human_bytes(n: int) -> str:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from stvfm_engine.engine.manifest import read_manifest
-    from stvfm_engine.export.atomic_dir import BuildError
+    from stvfm_engine.errors import BuildError
     from stvfm_engine.export.build import build_engine
     from stvfm_engine.export.multi_build import build_multi_engine
 
+    if args.max_mae_loss is not None and not args.calib_data:
+        raise BuildError("--max-mae-loss sets the task gate of --calib-data: give --calib-data PREFIX too")
     if len(args.checkpoint) == 1:
         if args.names:
             raise BuildError("--names names the models of a multi-model engine: give two or more checkpoints")
+        if args.cache_dir or args.no_cache:
+            raise BuildError("--cache-dir/--no-cache: the build cache serves multi-model builds; a one-model build "
+                             "builds every artifact afresh")
         out = build_engine(args.checkpoint[0], args.output, backends=args.backends, precision=args.precision,
                            device=args.device, max_batch=args.max_batch, progress=not args.quiet,
-                           calib_data=args.calib_data, max_mae_loss=args.max_mae_loss, threads=args.threads)
+                           calib_data=args.calib_data, threads=args.threads,
+                           max_mae_loss=DEFAULT_MAX_MAE_LOSS if args.max_mae_loss is None else args.max_mae_loss)
         manifest = read_manifest(out)
-        if "auto" in manifest and not args.quiet:
-            from stvfm_engine.export.auto import format_table
-
-            print(format_table(manifest["auto"]), file=sys.stderr)
+        _print_auto(manifest, args.quiet)
         print(json.dumps({"engine": str(out), "backends": {b: {"precision": e["precision"], "device": e["device"],
                                                               "max_rel_err": e["parity"]["max_rel_err"]}
                                                           for b, e in manifest["backends"].items()},
@@ -44,11 +48,14 @@ def cmd_build(args: argparse.Namespace) -> int:
                           "build_seconds": manifest["build_seconds"]}))
         return 0
     if args.calib_data:
-        raise BuildError("--calib-data gates reduced precisions; multi-model engines are built at fp32")
+        raise BuildError("--calib-data gates reduced precisions; multi-model engines are built at fp32 "
+                         "(build a reduced-precision engine one model at a time)")
     out = build_multi_engine(args.checkpoint, args.output, names=args.names, backends=args.backends,
                              precision=args.precision, device=args.device, max_batch=args.max_batch,
-                             progress=not args.quiet, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+                             progress=not args.quiet, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                             threads=args.threads)
     manifest = read_manifest(out)
+    _print_auto(manifest, args.quiet)
     print(json.dumps({"engine": str(out),
                       "backends": {b: {"precision": e["precision"], "device": e["device"], "cache": e["cache"]}
                                    for b, e in manifest["backends"].items()},
@@ -58,8 +65,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_auto(manifest: dict, quiet: bool) -> None:
+    """The ``--precision auto`` table, on stderr (stdout carries the JSON)."""
+    if "auto" in manifest and not quiet:
+        from stvfm_engine.export.auto import format_table
+
+        print(format_table(manifest["auto"]), file=sys.stderr)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from stvfm_engine.engine.manifest import WEIGHTS_NAME, is_multi, read_manifest, verify_files
+    from stvfm_engine.engine.manifest import WEIGHTS_NAME, artifact_files, is_multi, read_manifest, verify_files
 
     manifest = read_manifest(args.engine)
     if args.verify:
@@ -95,7 +110,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     notes = []
     for name, e in manifest["backends"].items():
         own = BACKENDS[name].files if name in BACKENDS else (e["file"],)
-        size = sum(f["bytes"] for k, f in files.items() if any(k == n or k.startswith(n + ".") for n in own))
+        size = sum(files[k]["bytes"] for k in artifact_files(files, own))
         why = BACKENDS[name].why_not_run(e["device"]) if name in BACKENDS else f"unknown backend {name!r}"
         err, tol = ((f"{e['parity']['max_rel_err']:.2e}", f"{e['parity']['tolerance']:g}") if "parity" in e
                     else ("per model", "-"))  # a multi-model engine's parity is per model (table above)
@@ -177,7 +192,7 @@ def register(sub) -> None:
         help="build a parity-gated engine directory (ONNX Runtime / OpenVINO / AOTInductor / TensorRT) from a checkpoint",
         description="Build DIR from CKPT: manifest.json, weights.safetensors and one artifact per backend\n"
                     "(model.onnx, model.xml, model.pt2, model.plan). Every artifact must match the fp32 reference\n"
-                    "on fresh random inputs (relative error <= 1e-4 fp32, <= 2e-2 bf16/fp16, <= 5e-2 int8) or the\n"
+                    f"on fresh random inputs (relative error {tolerances_text()}) or the\n"
                     "build fails; with --calib-data every artifact must also keep the test MAE within\n"
                     "--max-mae-loss of the fp32 reference's (int8 calibrates on its train windows).\nDIR is replaced atomically, and a failed build leaves it as it was.\n\n"
                     "  stvfm-engine build tiny.pt -o tiny.engine\n"
@@ -187,7 +202,8 @@ def register(sub) -> None:
                     "Several checkpoints that share one frozen backbone (bit for bit) make one multi-model engine:\n"
                     "the backbone is stored and built once, each model's own parts (pre: normalise, flow, token\n"
                     "adapters; post: prompt coordination, head) apart, each model parity-gated against its own\n"
-                    "reference; fp32 only. Artifacts are cached by content, so a rebuild after retraining one model\n"
+                    "reference; fp32 only (--precision auto: the fastest backend that serves many models becomes the\n"
+                    "default). Artifacts are cached by content, so a rebuild after retraining one model\n"
                     "re-exports only that model's parts:\n"
                     "  stvfm-engine build bike.pt taxi.pt -o nyc.engine [--names bike,taxi]")
     p.add_argument("checkpoint", metavar="CKPT", nargs="+",
@@ -196,9 +212,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="engine directory to (re)place")
     p.add_argument("--names", metavar="LIST", help="multi-model: comma-separated model names, one per checkpoint "
                                                    "(default: the checkpoints' file stems)")
-    p.add_argument("--cache-dir", metavar="DIR", help="multi-model: build cache of backbone and parts artifacts "
+    p.add_argument("--cache-dir", metavar="DIR", help="multi-model builds: cache of backbone and parts artifacts "
                                                       "(default $XDG_CACHE_HOME/stvfm-engine or ~/.cache/stvfm-engine)")
-    p.add_argument("--no-cache", action="store_true", help="multi-model: build every artifact, use no cache")
+    p.add_argument("--no-cache", action="store_true", help="multi-model builds: build every artifact, use no cache")
     p.add_argument("--backends", metavar="LIST",
                    help=f"comma-separated subset of {','.join(names(artifact=True))} (default: all this machine can build)")
     p.add_argument("--precision", default="fp32", choices=[*sorted(PRECISIONS), "auto"],
@@ -206,15 +222,17 @@ def register(sub) -> None:
                         "(fp32, bf16, int8 per backend), keep those that pass their gates, time them interleaved "
                         "and keep the fastest of each backend, the fastest of all as the default")
     p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="--precision auto: threads the candidates are timed with (default: torch's)")
+                   help="intra-op threads of the sessions that gate the artifacts and, with --precision auto, "
+                        "time the candidates (default: torch's)")
     p.add_argument("--calib-data", metavar="PREFIX",
                    help="gate every artifact on the test MAE of PREFIX_{train,val,test}.npz (refused beyond "
                         "--max-mae-loss vs the fp32 reference); int8 calibrates on its train windows")
-    p.add_argument("--max-mae-loss", type=float, default=0.01,
-                   help="allowed relative test-MAE loss vs the fp32 reference (default 0.01)")
+    p.add_argument("--max-mae-loss", type=float, metavar="F",
+                   help=f"with --calib-data: allowed relative test-MAE loss vs the fp32 reference "
+                        f"(default {DEFAULT_MAX_MAE_LOSS:g})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--max-batch", type=positive_int, default=64, metavar="N",
-                   help="every artifact accepts batches 1..N (default 64)")
+    p.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"every artifact accepts batches 1..N (default {DEFAULT_MAX_BATCH})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_build)
 

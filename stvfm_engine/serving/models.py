@@ -1,23 +1,23 @@
 """What a server serves: one :class:`ServedModel` per model of the engine directories given, and the
-:class:`BatchRunner` that every server runs on a batch of requests (each validated on its own first)."""
+:class:`Worker` that every server runs on the requests it gathered (the engine session's one check and scheduler)."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from stvfm_engine.engine import Engine, validate_inputs
+from stvfm_engine.engine import Engine
+from stvfm_engine.engine.multi import Request
 from stvfm_engine.engine.graph import io_spec
-from stvfm_engine.errors import InputError, ServeError, first_line
+from stvfm_engine.engine.manifest import check_model_name
+from stvfm_engine.errors import InputError, ServeError, STVFMError, first_line
 from stvfm_engine.model.config import STVFMConfig
 
 # Triton's names for the numpy dtypes of the engine's I/O (engine.graph.io_spec)
 TRITON_DTYPES = {"float32": "FP32", "int64": "INT64"}
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,11 @@ class ServedModel:
 
 
 def check_name(name: str) -> str:
-    """A model name usable as a Triton model directory and in a URL path."""
-    if not _NAME.fullmatch(name):
-        raise ServeError(f"model name {name!r} is not usable: expected letters, digits, '_', '.', '-' "
-                         "(not starting with '.' or '-')")
-    return name
+    """A model name usable as a Triton model directory and in a URL path (the engine's one rule)."""
+    try:
+        return check_model_name(name)
+    except STVFMError as e:
+        raise ServeError(str(e)) from None
 
 
 def served_models(directories: Sequence[str | os.PathLike], names: Optional[Sequence[str]] = None,
@@ -91,111 +91,61 @@ def models_of(engine: Engine, name: Optional[str] = None) -> list[ServedModel]:
                         engine.precision, engine.threads, config, engine.max_batch) for key, config in entries]
 
 
-Request = tuple[Any, Optional[Any], Optional[Any]]  # (x, tod, dow) arrays of one request
+class Worker:
+    """What a server process runs: the requests it gathered, answered through the engine's session.
 
-
-class BatchRunner:
-    """Runs one model on a batch of requests: each request is validated on its own, and only the
-    valid ones are stacked into ``Engine.predict`` calls of at most ``max_batch`` samples.
-
-    ``run`` returns, per request, the forecast ``y`` or the exception that answers it: an
-    :class:`InputError` naming what was expected, or (if a predict call fails) the error of that call.
-    ``inferences`` / ``executions`` count the samples predicted and the predict calls made.
+    ``check(model, x, tod, dow)`` is the session's one input check (an :class:`InputError` names what
+    was expected); ``run(items)`` takes checked requests or the errors that answer them, hands the
+    checked ones to the session's one scheduler (:meth:`Session.run`: it groups them into calls of at
+    most ``max_batch`` samples) and returns, per item, the forecast or the exception that answers it
+    (a failed call answers each of its requests with ``inference failed: ...``, a :class:`ServeError`
+    (a part of the server unavailable) as it is; the server keeps running). The worker only gathers: it never orders, splits or pads requests.
+    ``counts[model]`` = [samples predicted, backend calls that served the model].
     """
 
     def __init__(self, engine: Engine, key: Optional[str] = None):
         self.engine = engine
-        self.key = key
-        self.config: STVFMConfig = engine.models[key] if key is not None else engine.config
-        self.max_batch = engine.max_batch
-        self._model_kw = {} if key is None else {"model": key}
-        self.inferences = 0
-        self.executions = 0
+        self.session = engine.session
+        self.key = key  # the model that requests naming none are for (a one-model engine: its only one)
+        self.counts = {name: [0, 0] for name in self.session.models}
 
-    def check(self, x: Any, tod: Any = None, dow: Any = None) -> Request:
-        """One request validated against the model (raises :class:`InputError`), converted."""
-        return validate_inputs(self.config, self.max_batch, x, tod, dow)
+    def check(self, model: Optional[str], x: Any, tod: Any = None, dow: Any = None) -> Request:
+        return self.session.check(model if model is not None else self.key, x, tod, dow)
 
-    def run(self, requests: Sequence[Request]) -> list[np.ndarray | Exception]:
-        results: list[Any] = [None] * len(requests)
-        valid: list[tuple[int, Request]] = []
-        for i, request in enumerate(requests):
-            try:
-                valid.append((i, self.check(*request)))
-            except InputError as e:
-                results[i] = e
-        for chunk in _chunks(valid, self.max_batch):
-            x, tod, dow = (None if parts[0] is None else np.concatenate(parts)
-                           for parts in zip(*(r for _, r in chunk)))
-            try:
-                y = self.engine.predict(x, tod, dow, **self._model_kw)
-            except Exception as e:  # answers every request of this call; the server keeps running
-                for i, _ in chunk:
-                    results[i] = RuntimeError(f"inference failed: {first_line(e)}")
-                continue
-            self.inferences += len(x)
-            self.executions += 1
-            start = 0
-            for i, (rx, _, _) in chunk:
-                results[i] = y[start:start + len(rx)]
-                start += len(rx)
-        return results
-
-
-class MixedBatchRunner:
-    """Runs a batch of requests to the models of ONE multi-model engine: each request validated on its own
-    against its model, the valid ones through ``Engine.predict_many`` (requests of different models
-    whose token sequences have the same length share a backbone pass). ``run`` takes ``(model, request)``
-    pairs and answers as :meth:`BatchRunner.run`; ``counts[model]`` = [inferences, executions]."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.counts = {name: [0, 0] for name in engine.models}
-
-    def check(self, model: str, x: Any, tod: Any = None, dow: Any = None) -> Request:
-        return validate_inputs(self.engine.models[model], self.engine.max_batch, x, tod, dow)
-
-    def run(self, items: Sequence[tuple[str, Request]]) -> list[np.ndarray | Exception]:
-        items = list(items)
-        results: list[Any] = [None] * len(items)
-        valid: list[int] = []
-        for i, (model, request) in enumerate(items):
-            try:
-                items[i] = (model, self.check(model, *request))
-                valid.append(i)
-            except InputError as e:
-                results[i] = e
+    def run(self, items: Sequence[Request | Exception]) -> list[np.ndarray | Exception]:
+        results: list[Any] = list(items)
+        valid = [i for i, r in enumerate(items) if isinstance(r, Request)]
         if not valid:
             return results
-        calls = self.engine.backbone_calls
+        calls = self.session.backbone_calls
         try:
-            ys = self.engine.predict_many([(items[i][0], *items[i][1]) for i in valid])
-        except Exception as e:  # answers every request of this batch; the server keeps running
+            ys = self.session.run([items[i] for i in valid])  # type: ignore[misc]
+        except ServeError as e:  # a part of the server is unavailable (the shared backbone's worker): as it is
+            for i in valid:
+                results[i] = e
+            return results
+        except Exception as e:  # noqa: BLE001 - answers every request of this batch; the server keeps running
             for i in valid:
                 results[i] = RuntimeError(f"inference failed: {first_line(e)}")
             return results
         models = set()
         for i, y in zip(valid, ys):
             results[i] = y
-            self.counts[items[i][0]][0] += len(y)
-            models.add(items[i][0])
-        for model in models:  # a batch's backbone passes, counted for each model that took part
-            self.counts[model][1] += max(1, self.engine.backbone_calls - calls)
+            self.counts[items[i].model][0] += len(y)  # type: ignore[union-attr]
+            models.add(items[i].model)  # type: ignore[union-attr]
+        for model in models:  # a batch's backend calls, counted for each model that took part
+            self.counts[model][1] += max(1, self.session.backbone_calls - calls)
         return results
 
-
-def _chunks(valid: list[tuple[int, Request]], max_batch: int) -> list[list[tuple[int, Request]]]:
-    """Consecutive groups of requests whose samples add up to at most ``max_batch``."""
-    chunks: list[list[tuple[int, Request]]] = []
-    size = 0
-    for item in valid:
-        n = len(item[1][0])
-        if not chunks or size + n > max_batch:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(item)
-        size += n
-    return chunks
+    def answer(self, requests: Sequence[tuple[Optional[str], Any, Any, Any]]) -> list[np.ndarray | Exception]:
+        """``run`` over ``(model, x, tod, dow)`` requests, each checked on its own first."""
+        checked: list[Request | Exception] = []
+        for model, x, tod, dow in requests:
+            try:
+                checked.append(self.check(model, x, tod, dow))
+            except InputError as e:
+                checked.append(e)
+        return self.run(checked)
 
 
 def open_engine(params: dict[str, str], base: Optional[str | os.PathLike] = None) -> Engine:
@@ -209,6 +159,6 @@ def open_engine(params: dict[str, str], base: Optional[str | os.PathLike] = None
     return Engine.load(directory, backend=None if backend == "auto" else backend, threads=threads)
 
 
-def open_runner(params: dict[str, str], base: Optional[str | os.PathLike] = None) -> BatchRunner:
-    """The :class:`BatchRunner` of :meth:`ServedModel.load_parameters` (see :func:`open_engine`)."""
-    return BatchRunner(open_engine(params, base), params.get("model_key") or None)
+def open_worker(params: dict[str, str], base: Optional[str | os.PathLike] = None) -> Worker:
+    """The :class:`Worker` of :meth:`ServedModel.load_parameters` (see :func:`open_engine`)."""
+    return Worker(open_engine(params, base), params.get("model_key") or None)

@@ -1,0 +1,107 @@
+"""The client side of the Open Inference Protocol, shared by the Python client (:mod:`stvfm_engine.client`)
+and the load tests (:mod:`stvfm_engine.bench.load`): server URLs, ``tritonclient`` connections and
+requests (HTTP or gRPC, binary tensors), and keep-alive JSON-body requests. Ground floor: it imports no
+layer of the project, so every layer may use it."""
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import socket
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from stvfm_engine.errors import LoadError
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``(protocol, "host:port")`` of ``http://host:port``, ``grpc://host:port`` or ``host:port`` (HTTP)."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "grpc") or not parts.hostname or not parts.port or parts.path not in ("", "/"):
+        raise LoadError(f"expected a server URL http://HOST:PORT or grpc://HOST:PORT, got {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return parts.scheme, f"{host}:{parts.port}"
+
+
+def check_loopback(url: str) -> None:
+    """The load test drives servers on this machine only."""
+    host = urlsplit(url if "://" in url else f"http://{url}").hostname
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as e:
+        raise LoadError(f"cannot resolve {host!r} ({e})") from None
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise LoadError(f"the load test drives servers on this machine only (127.0.0.1, ::1, localhost); got {host!r}")
+
+
+def connect(url: str, timeout_s: float = 60.0):
+    """``(tritonclient module, client)`` for ``url``; an HTTP client times out after ``timeout_s``
+    (a gRPC call takes ``client_timeout``, see :func:`infer`)."""
+    protocol, address = parse_url(url)
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+
+            return module, module.InferenceServerClient(address)
+        import tritonclient.http as module
+
+        return module, module.InferenceServerClient(address, connection_timeout=timeout_s, network_timeout=timeout_s)
+    except ImportError:
+        raise LoadError("talking to a server needs tritonclient: pip install 'stvfm-engine[serve]'") from None
+
+
+def infer_inputs(module, arrays: dict[str, np.ndarray]) -> list:
+    """``tritonclient`` inputs for ``{name: array}`` (float32 -> FP32, int64 -> INT64)."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def infer(module, client, model: str, inputs: list, timeout_s: float):
+    """One request; raises ``InferenceServerException`` with the server's message on an error answer."""
+    if module.__name__.endswith("grpc"):
+        return client.infer(model, inputs, client_timeout=timeout_s)
+    return client.infer(model, inputs)
+
+
+class JsonClient:
+    """One keep-alive HTTP connection sending Open Inference Protocol JSON bodies (``bench --url --body json``);
+    reconnects after a server's ``Connection: close``. ``post`` returns ``(status, body bytes)``."""
+
+    def __init__(self, address: str, timeout_s: float = 60.0):
+        host, port = address.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            self.conn.request("POST", path, body, {"content-type": "application/json"})
+            response = self.conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()  # the next request opens a new connection
+            raise
+        if response.getheader("connection", "").lower() == "close":
+            self.conn.close()
+        return response.status, data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def json_body(arrays: dict[str, np.ndarray]) -> bytes:
+    """A v2 infer request with every input as JSON data (float32 -> FP32, int64 -> INT64)."""
+    names = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
+    return json.dumps({"inputs": [{"name": k, "datatype": names[v.dtype], "shape": list(v.shape),
+                                   "data": v.ravel().tolist()} for k, v in arrays.items()]}).encode()
+
+
+def json_output(body: bytes) -> np.ndarray:
+    """The first output of a v2 JSON infer response, as float32 of its shape."""
+    out = json.loads(body)["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
