@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from stvfm_engine.errors import ConfigError
+from stvfm_engine.model.calendar import calendar_from_start_dow, normalize_calendar, parse_time, time_features
 
 
 
@@ -32,7 +33,9 @@ class STVFMConfig:
     prompts: int = 8  # M
     heads: Optional[int] = None  # None = D / 64
     steps_per_day: int = 48  # 0 = no time inputs
-    start_dow: int = 0  # day of week of the data's step 0 (0 = Monday)
+    # {"start": ISO-8601 with a UTC offset (the data's step 0), "zone": IANA name}; None = not recorded
+    # (see model/calendar.py). Checkpoints written before it carried `start_dow`: read into this form.
+    calendar: Optional[dict] = None
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -55,6 +58,14 @@ class STVFMConfig:
     def uses_time(self) -> bool:
         return self.steps_per_day > 0
 
+    @property
+    def start_dow(self) -> int:
+        """Read-only, for code written before calendars: the local weekday of step 0 (0 = Monday; 0 without a
+        calendar). The calendar itself (:mod:`~stvfm_engine.model.calendar`) is the source of time features."""
+        if self.calendar is None:
+            return 0
+        return int(time_features([parse_time(self.calendar["start"])], self.calendar["zone"], 1)[1][0])
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,6 +74,11 @@ class STVFMConfig:
     def from_dict(cls, d: dict[str, Any]) -> "STVFMConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"expected a config dict, got {type(d).__name__}")
+        if "start_dow" in d:  # written before calendars: the same features as a UTC calendar from that weekday
+            d = dict(d)
+            start_dow = d.pop("start_dow")
+            if d.get("calendar") is None:
+                d["calendar"] = calendar_from_start_dow(start_dow)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -95,8 +111,8 @@ class STVFMConfig:
              f"heads must be an integer >= 1 or None, got {self.heads!r}")
         need(isinstance(self.steps_per_day, int) and self.steps_per_day >= 0,
              f"steps_per_day must be an integer >= 0, got {self.steps_per_day!r}")
-        need(isinstance(self.start_dow, int) and 0 <= self.start_dow < 7,
-             f"start_dow must be in [0, 7), got {self.start_dow!r}")
+        if self.calendar is not None:
+            self.calendar = normalize_calendar(self.calendar)
         need(self.num_tokens <= MAX_TOKENS and self.history * self.token_dim <= MAX_TOKENS,
              f"grid {self.height}x{self.width} with patch {self.patch} gives {self.num_tokens} tokens per branch and "
              f"{self.history * self.token_dim} values per token; expected at most {MAX_TOKENS} of each")

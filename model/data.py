@@ -1,5 +1,6 @@
 """Flow-grid data: the NYC ``<prefix>_{train,val,test}.npz`` splits, normalisation statistics and
-sliding windows of ``T`` history steps -> ``T_out`` forecast steps with true ``tod``/``dow``.
+sliding windows of ``T`` history steps -> ``T_out`` forecast steps with true ``tod``/``dow`` (from the
+model's calendar, :mod:`~stvfm_engine.model.calendar`).
 
 Files hold one array ``flow`` of shape ``[steps, H, W, C]``. The three splits are consecutive, so the
 global step index runs on across them (val starts where train ends) and time features stay true.
@@ -14,6 +15,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 from stvfm_engine.errors import DataError, first_line
+from stvfm_engine.model.calendar import calendar_from_start_dow, grid_for
+from stvfm_engine.model.config import STVFMConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -89,22 +92,25 @@ def load_flow_data(prefix: str | Path) -> FlowData:
     return FlowData(splits, prefix)
 
 
-def time_features(steps: np.ndarray, steps_per_day: int, start_dow: int) -> tuple[np.ndarray, np.ndarray]:
-    """``tod`` and ``dow`` (int64) of global step indices."""
-    steps = np.asarray(steps, dtype=np.int64)
-    return steps % steps_per_day, (start_dow + steps // steps_per_day) % 7
-
-
 class Windows:
     """Sliding windows over one split: window ``i`` has history steps ``[i, i+T)`` and targets
     ``[i+T, i+T+T_out)`` of the split. Arrays are gathered lazily, batch by batch."""
 
-    def __init__(self, series: FlowSeries, history: int, horizon: int, steps_per_day: int, start_dow: int = 0):
+    def __init__(self, series: FlowSeries, history: int, horizon: int, steps_per_day: int,
+                 calendar: Optional[dict] = None, start_dow: Optional[int] = None):
         self.series, self.history, self.horizon = series, history, horizon
-        self.steps_per_day, self.start_dow = steps_per_day, start_dow
+        self.steps_per_day = steps_per_day
         self.count = series.steps - history - horizon + 1
         if self.count < 1:
             raise DataError(f"split of {series.steps} steps is too short for history {history} + horizon {horizon}")
+        self.tod = self.dow = None
+        if steps_per_day > 0:
+            # time features of every step of the split, from its absolute time (start + k * interval) by the
+            # calendar's one function; no calendar: the step-index features (UTC, step 0 a Monday 00:00 or
+            # the old `start_dow`)
+            calendar = calendar if calendar is not None else calendar_from_start_dow(start_dow or 0)
+            grid = grid_for(steps_per_day, calendar)
+            self.tod, self.dow = grid.features(range(series.start_step, series.start_step + series.steps))
 
     def __len__(self) -> int:
         return self.count
@@ -117,12 +123,21 @@ class Windows:
         x, y = self.series.flow[hist], self.series.flow[fut]
         if self.steps_per_day <= 0:
             return x, y, None, None
-        tod, dow = time_features(self.series.start_step + hist, self.steps_per_day, self.start_dow)
-        return x, y, tod, dow
+        return x, y, self.tod[hist], self.dow[hist]
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]]:
         for s in range(0, self.count, batch_size):
             yield self.batch(np.arange(s, min(s + batch_size, self.count)))
+
+
+def windows_for(model, data: FlowData, split: str) -> Windows:
+    """The sliding windows of ``split`` that ``model`` (an ``STVFM`` or its config) reads, checked against the
+    data's grid, with time features from the model's calendar."""
+    c: STVFMConfig = model if isinstance(model, STVFMConfig) else model.config
+    if data.channels != c.channels or data.grid != (c.height, c.width):
+        raise DataError(f"{data.source}: data has C={data.channels}, grid {data.grid[0]}x{data.grid[1]}; "
+                        f"the model expects C={c.channels}, grid {c.height}x{c.width}")
+    return Windows(data.splits[split], c.history, c.horizon, c.steps_per_day, c.calendar)
 
 
 def synthetic_flow(steps: int = 48 * 35, height: int = 14, width: int = 8, channels: int = 2,

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from stvfm_engine.errors import CheckpointError, DataError, first_line
-from stvfm_engine.model.config import STVFMConfig
-from stvfm_engine.model.data import FlowData, Windows
+from stvfm_engine.model.data import FlowData, Windows, windows_for
 from stvfm_engine.model.evaluate import evaluate_model
 from stvfm_engine.model.stvfm import STVFM
 
@@ -26,15 +25,6 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict] = field(default_factory=list)
-
-
-def windows_for(model: STVFM | STVFMConfig, data: FlowData, split: str) -> Windows:
-    """The sliding windows of ``split`` that ``model`` (or a config) reads, checked against the data's grid."""
-    c = model if isinstance(model, STVFMConfig) else model.config
-    if data.channels != c.channels or data.grid != (c.height, c.width):
-        raise DataError(f"{data.source}: data has C={data.channels}, grid {data.grid[0]}x{data.grid[1]}; "
-                        f"the model expects C={c.channels}, grid {c.height}x{c.width}")
-    return Windows(data.splits[split], c.history, c.horizon, c.steps_per_day, c.start_dow)
 
 
 def _validation_loss(model: STVFM, windows: Windows, batch_size: int) -> float:
@@ -143,5 +133,5 @@ def train(model: STVFM, data: FlowData, max_steps: int = 600, batch_size: int = 
     return TrainResult(best[1], best[0], max_steps, time.perf_counter() - start, history)
 
 
-def test_metrics(model: STVFM, data: FlowData, split: str = "test") -> dict[str, dict[str, float]]:
+def split_metrics(model: STVFM, data: FlowData, split: str = "test") -> dict[str, dict[str, float]]:
     return evaluate_model(model, windows_for(model, data, split))

@@ -44,12 +44,32 @@ def _config_overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+def _calendar_options(p: argparse.ArgumentParser, default: str) -> None:
+    g = p.add_argument_group("calendar (the time of each step: tod/dow inputs and forecast streams)")
+    g.add_argument("--start", metavar="TIME", help="time of the data's first step, ISO-8601 with a UTC offset, "
+                                                   f"e.g. 2026-01-05T00:00:00-05:00 (with --zone; default: {default})")
+    g.add_argument("--zone", metavar="IANA_NAME", help="zone the data's days are counted in, e.g. America/New_York "
+                                                       "(with --start)")
+
+
+def _calendar(args: argparse.Namespace) -> dict | None:
+    """``{"start", "zone"}`` from --start/--zone (None when neither is given)."""
+    from stvfm_engine.errors import ConfigError
+    from stvfm_engine.model.calendar import normalize_calendar
+
+    if args.start is None and args.zone is None:
+        return None
+    if args.start is None or args.zone is None:
+        raise ConfigError("--start and --zone go together: the time of the first step and the zone of its days")
+    return normalize_calendar({"start": args.start, "zone": args.zone})
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from stvfm_engine.model.checkpoint import save_checkpoint
     from stvfm_engine.model.config import from_preset
     from stvfm_engine.model.stvfm import build_model
 
-    config = from_preset(args.preset, **_config_overrides(args))
+    config = from_preset(args.preset, **_config_overrides(args), calendar=_calendar(args))
     model = build_model(config, seed=args.seed)
     _load_backbone_weights(model, args.backbone_weights)
     save_checkpoint(model, args.output)
@@ -85,8 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stvfm_engine.model.config import from_preset
     from stvfm_engine.model.data import load_flow_data
     from stvfm_engine.model.stvfm import build_model
-    from stvfm_engine.model.train import test_metrics, train
+    from stvfm_engine.model.train import split_metrics, train
 
+    calendar = _calendar(args)
     data = load_flow_data(args.data)
     C, (H, W) = data.channels, data.grid
     if args.init:
@@ -95,15 +116,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (c.channels, c.height, c.width) != (C, H, W):
             raise DataError(f"--init checkpoint expects C={c.channels}, grid {c.height}x{c.width}; "
                             f"{args.data} has C={C}, grid {H}x{W}")
-        model.config = c.replace(start_dow=args.start_dow)
+        model.config = c.replace(calendar=calendar)
     else:
-        config = from_preset(args.preset, channels=C, height=H, width=W, start_dow=args.start_dow)
+        config = from_preset(args.preset, channels=C, height=H, width=W, calendar=calendar)
         model = build_model(config, seed=args.seed)
     _load_backbone_weights(model, args.backbone_weights)
     model.set_normalization(*data.normalization())
     result = train(model, data, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                    seed=args.seed, eval_every=args.eval_every, progress=not args.quiet)
-    metrics = test_metrics(model, data, "test")
+    metrics = split_metrics(model, data, "test")
     summary = {"best_step": result.best_step, "best_val_loss": result.best_val_loss,
                "train_seconds": round(result.seconds, 2), "data": str(args.data), "test": metrics}
     save_checkpoint(model, args.output, metrics=summary)
@@ -114,10 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from stvfm_engine.model.checkpoint import load_model
     from stvfm_engine.model.data import load_flow_data
-    from stvfm_engine.model.train import test_metrics
+    from stvfm_engine.model.train import split_metrics
 
     model = load_model(args.checkpoint)
-    metrics = test_metrics(model, load_flow_data(args.data), args.split)
+    metrics = split_metrics(model, load_flow_data(args.data), args.split)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -138,6 +159,7 @@ def register(sub) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration (default: tiny)")
     _config_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    _calendar_options(p, "none recorded; streams then need one")
     _backbone_weights_option(p, "; checkpoints given the same file share one backbone (a multi-model engine)")
     p.add_argument("-o", "--output", required=True, metavar="CKPT", help="checkpoint file to write")
     p.set_defaults(func=cmd_init)
@@ -160,9 +182,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=_learning_rate, default=1e-3, help="peak AdamW learning rate, cosine decay (default 1e-3)")
     p.add_argument("--eval-every", type=positive_int, default=100, help="validate every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of initial weights and batch order (default 0)")
-    p.add_argument("--start-dow", type=int, default=None, choices=range(7), metavar="D",
-                   help="day of week of the data's first step, 0=Monday (default: the --init checkpoint's, "
-                        "else 0); stored in the checkpoint")
+    _calendar_options(p, "the --init checkpoint's, else none recorded and training counts steps from a "
+                         "Monday 00:00 UTC")
     _backbone_weights_option(p, "")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, metavar="CKPT", help="checkpoint file to write")
@@ -179,7 +200,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
-        "demo", formatter_class=FORMATTER, help="the whole flow offline: synthetic city flows, train, build, serve",
+        "demo", formatter_class=FORMATTER, help="the whole flow offline: synthetic city flows, train, evaluate, build, time",
         description="Runs without GPU, network or data files: synthesises a periodic city-flow grid, trains the\n"
                     "tiny preset for a short while on the CPU, prints model vs persistence vs historical average,\n"
                     "then builds an engine and prints eager vs engine latency.")
