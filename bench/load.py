@@ -2,82 +2,46 @@
 this machine only: latency percentiles, throughput, errors and the server's mean batch per concurrency."""
 from __future__ import annotations
 
-import ipaddress
+import json
 import re
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from typing import Callable, Optional, Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from stvfm_engine.bench.report import _fmt
 from stvfm_engine.engine.timing import Schedule, summarize, time_interleaved
-from stvfm_engine.errors import STVFMError, first_line
+from stvfm_engine.errors import first_line, LoadError
+from stvfm_engine.wire import JsonClient, check_loopback, connect, infer, infer_inputs, json_body, json_output, parse_url
 
 _COUNTER = re.compile(r'^(nv_inference_count|nv_inference_exec_count)\{([^}]*)\}\s+([0-9.eE+-]+)')
 
 
-class LoadError(STVFMError):
-    """A load test that cannot run (bad URL, a server that is not there, an unknown model)."""
+class _Sender:
+    """One client's connection: ``send()`` one request, returning ``y`` (raising on an error answer)."""
 
+    def __init__(self, url: str, model: str, arrays: dict[str, np.ndarray], body_kind: str, timeout_s: float):
+        self.kind = body_kind
+        if body_kind == "json":
+            self.client = JsonClient(parse_url(url)[1], timeout_s)
+            self.path, self.body = f"/v2/models/{model}/infer", json_body(arrays)
+        else:
+            self.module, self.client = connect(url, timeout_s)
+            self.model, self.inputs, self.timeout_s = model, infer_inputs(self.module, arrays), timeout_s
 
-def parse_url(url: str) -> tuple[str, str]:
-    """``(protocol, "host:port")`` of ``http://host:port``, ``grpc://host:port`` or ``host:port`` (HTTP)."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme not in ("http", "grpc") or not parts.hostname or not parts.port or parts.path not in ("", "/"):
-        raise LoadError(f"expected a server URL http://HOST:PORT or grpc://HOST:PORT, got {url!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return parts.scheme, f"{host}:{parts.port}"
+    def send(self) -> np.ndarray:
+        if self.kind == "json":
+            status, data = self.client.post(self.path, self.body)
+            if status != 200:
+                raise LoadError(f"HTTP {status}: {data[:200].decode('utf-8', 'replace')}")
+            return json_output(data)
+        return infer(self.module, self.client, self.model, self.inputs, self.timeout_s).as_numpy("y")
 
-
-def check_loopback(url: str) -> None:
-    """The load test drives servers on this machine only."""
-    host = urlsplit(url if "://" in url else f"http://{url}").hostname
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except socket.gaierror as e:
-        raise LoadError(f"cannot resolve {host!r} ({e})") from None
-    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        raise LoadError(f"the load test drives servers on this machine only (127.0.0.1, ::1, localhost); got {host!r}")
-
-
-def connect(url: str, timeout_s: float = 60.0):
-    """``(tritonclient module, client)`` for ``url``; an HTTP client times out after ``timeout_s``
-    (a gRPC call takes ``client_timeout``, see :func:`infer`)."""
-    protocol, address = parse_url(url)
-    try:
-        if protocol == "grpc":
-            import tritonclient.grpc as module
-
-            return module, module.InferenceServerClient(address)
-        import tritonclient.http as module
-
-        return module, module.InferenceServerClient(address, connection_timeout=timeout_s, network_timeout=timeout_s)
-    except ImportError:
-        raise LoadError("talking to a server needs tritonclient: pip install 'stvfm-engine[serve]'") from None
-
-
-def infer_inputs(module, arrays: dict[str, np.ndarray]) -> list:
-    """``tritonclient`` inputs for ``{name: array}`` (float32 -> FP32, int64 -> INT64)."""
-    from tritonclient.utils import np_to_triton_dtype
-
-    inputs = []
-    for name, array in arrays.items():
-        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
-def infer(module, client, model: str, inputs: list, timeout_s: float):
-    """One request; raises ``InferenceServerException`` with the server's message on an error answer."""
-    if module.__name__.endswith("grpc"):
-        return client.infer(model, inputs, client_timeout=timeout_s)
-    return client.infer(model, inputs)
+    def close(self) -> None:
+        self.client.close()
 
 
 def model_inputs(module, client, model: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -111,34 +75,36 @@ def read_counters(metrics_url: str, model: str) -> Optional[tuple[float, float]]
 
 
 def _level(url: str, model: str, arrays: dict[str, np.ndarray], concurrency: int, duration_s: float,
-           max_requests: int, warmup: int, timeout_s: float, metrics_url: Optional[str]) -> dict:
-    """One concurrency level: every client warms up, then all start together and stop at the deadline."""
+           max_requests: int, warmup: int, timeout_s: float, metrics_url: Optional[str], body_kind: str = "binary",
+           expected: Optional[np.ndarray] = None) -> dict:
+    """One concurrency level: every client warms up, then all start together and stop at the deadline.
+    With ``expected`` every answer is compared with it (``wrong``: answers off by more than 1e-5 relative)."""
     batch = len(next(iter(arrays.values())))
     ready = threading.Barrier(concurrency + 1)
     go = threading.Barrier(concurrency + 1)
     lock = threading.Lock()
     latencies: list[float] = []
     errors: list[str] = []
+    wrong = [0]
     budget = [max_requests]
     ends: list[float] = []
 
     def client_loop():
-        module = client = None
+        sender = None
         try:
-            module, client = connect(url, timeout_s)
-            inputs = infer_inputs(module, arrays)
+            sender = _Sender(url, model, arrays, body_kind, timeout_s)
             for _ in range(warmup):
-                infer(module, client, model, inputs, timeout_s)
+                sender.send()
         except Exception as e:  # counted; this client then sits the level out
             with lock:
                 errors.append(first_line(e))
-            client = None
+            sender = None
         ready.wait()
         go.wait()
-        if client is None:
+        if sender is None:
             return
         deadline = time.perf_counter() + duration_s
-        mine, bad = [], []
+        mine, bad, off = [], [], 0
         while time.perf_counter() < deadline:
             with lock:
                 if budget[0] <= 0:
@@ -146,15 +112,17 @@ def _level(url: str, model: str, arrays: dict[str, np.ndarray], concurrency: int
                 budget[0] -= 1
             t0 = time.perf_counter()
             try:
-                infer(module, client, model, inputs, timeout_s)
+                y = sender.send()
                 mine.append((time.perf_counter() - t0) * 1e3)
+                off += expected is not None and not _close(y, expected)
             except Exception as e:  # the server's answer (or a timeout) is counted, not fatal
                 bad.append(first_line(e))
         with lock:
             latencies.extend(mine)
             errors.extend(bad)
+            wrong[0] += off
             ends.append(time.perf_counter())
-        client.close()
+        sender.close()
 
     threads = [threading.Thread(target=client_loop, name=f"load-client-{i}", daemon=True) for i in range(concurrency)]
     for t in threads:
@@ -167,8 +135,10 @@ def _level(url: str, model: str, arrays: dict[str, np.ndarray], concurrency: int
         t.join(timeout=duration_s + 2 * timeout_s + 10)
     wall = (max(ends) if ends else time.perf_counter()) - start
     after = read_counters(metrics_url, model) if metrics_url else None
-    row = {"concurrency": concurrency, "batch": batch, "requests": len(latencies), "errors": len(errors),
-           "first_error": errors[0] if errors else None, "wall_s": round(wall, 3)}
+    row = {"concurrency": concurrency, "batch": batch, "body": body_kind, "requests": len(latencies),
+           "errors": len(errors), "first_error": errors[0] if errors else None, "wall_s": round(wall, 3)}
+    if expected is not None:
+        row["wrong"] = wrong[0]
     if latencies:
         row.update({k: v for k, v in summarize(latencies, batch).items() if k != "throughput"})
     row["throughput"] = len(latencies) * batch / wall if wall > 0 else 0.0
@@ -177,17 +147,29 @@ def _level(url: str, model: str, arrays: dict[str, np.ndarray], concurrency: int
     return row
 
 
+def _close(y: np.ndarray, expected: np.ndarray, rtol: float = 1e-5) -> bool:
+    """``y`` equals ``expected`` in shape and within ``rtol`` of its scale."""
+    y = np.asarray(y)
+    return y.shape == expected.shape and float(np.abs(y - expected).max(initial=0.0)) <= \
+        rtol * max(1.0, float(np.abs(expected).max(initial=0.0)))
+
+
 def run_load(url: str, model: str, concurrency: Sequence[int] = (1, 4, 16), duration_s: float = 10.0,
              batch: int = 1, metrics_url: Optional[str] = None, arrays: Optional[dict[str, np.ndarray]] = None,
              max_requests: int = 100_000, warmup: int = 2, timeout_s: float = 60.0,
-             offline: Optional[Callable[[int], dict]] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+             offline: Optional[Callable[[int], dict]] = None, log: Callable[[str], None] = lambda s: None,
+             body_kind: str = "binary", expected: Optional[np.ndarray] = None, floor: Optional[dict] = None) -> dict:
     """Drive the server at ``url`` at each concurrency; ``arrays`` is one request (default: from the
-    model's metadata, see :func:`model_inputs`). ``metrics_url`` default: ``URL/metrics`` if it answers
-    (the Ray Serve app); Triton's metrics port must be given. ``offline`` (:func:`offline_timer`), timed
-    right after each level so that both see about the same machine, adds the offline comparison."""
+    model's metadata, see :func:`model_inputs`), sent as tritonclient's binary tensors (``body_kind``
+    ``binary``) or JSON data (``json``); ``expected`` the answer each response is checked against.
+    ``metrics_url`` default: ``URL/metrics`` if it answers (the Ray Serve app); Triton's metrics port must be
+    given. ``offline`` (:func:`offline_timer`), timed right after each level so that both see about the same
+    machine, adds the offline comparison; ``floor`` (:func:`measure_floor`'s report) the targets."""
     check_loopback(url)
     if min(concurrency) < 1 or duration_s <= 0 or batch < 1 or max_requests < 1:
         raise LoadError("concurrency, batch and --requests must be >= 1 and --duration > 0")
+    if body_kind not in ("binary", "json"):
+        raise LoadError(f"expected body kind binary or json, got {body_kind!r}")
     module, client = connect(url, timeout_s)
     try:
         if not client.is_server_ready():
@@ -202,20 +184,107 @@ def run_load(url: str, model: str, concurrency: Sequence[int] = (1, 4, 16), dura
     finally:
         client.close()
     protocol, address = parse_url(url)
+    if body_kind == "json" and protocol != "http":
+        raise LoadError("JSON bodies go over HTTP: give an http:// URL")
     if metrics_url is None and protocol == "http" and read_counters(f"http://{address}/metrics", model):
         metrics_url = f"http://{address}/metrics"
     if metrics_url:
         check_loopback(metrics_url)
-    report = {"url": url, "protocol": protocol, "model": model, "metrics_url": metrics_url, "duration_s": duration_s,
-              "results": []}
+    report = {"url": url, "protocol": protocol, "body": body_kind, "model": model, "metrics_url": metrics_url,
+              "duration_s": duration_s, "results": []}
+    if floor is not None:
+        report["floor"] = floor
     for n in concurrency:
-        row = _level(url, model, arrays, n, duration_s, max_requests, warmup, timeout_s, metrics_url)
+        row = _level(url, model, arrays, n, duration_s, max_requests, warmup, timeout_s, metrics_url, body_kind,
+                     expected)
         log(f"concurrency {n}: {row['requests']} requests, {row['errors']} errors, "
             f"{row['throughput']:.1f} samples/s, mean server batch {_fmt(row['mean_batch'], '.2f')}")
         if offline is not None:
             _compare(report, row, offline)
         report["results"].append(row)
+    if floor is not None and offline is not None:
+        report["targets"] = _targets(report, floor, offline)
     return report
+
+
+def measure_floor(kind: str, model: str, arrays: dict[str, np.ndarray], y_shape: Sequence[int],
+                  concurrency: Sequence[int], duration_s: float, max_requests: int = 100_000, warmup: int = 2,
+                  timeout_s: float = 60.0, log: Callable[[str], None] = lambda s: None) -> dict:
+    """The server kind's own floor, measured alone: a plain app (:mod:`stvfm_engine.bench.floor`: a Ray Serve
+    deployment for ``ray``, a uvicorn ASGI app for ``asgi``) that decodes the same JSON body and answers a
+    ``y_shape``-sized array is started, driven at each concurrency with JSON bodies, and stopped."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from stvfm_engine.bench.floor import KINDS, free_port
+
+    if kind not in KINDS:
+        raise LoadError(f"expected a floor app kind of {list(KINDS)}, got {kind!r}")
+    port = free_port()
+    log_file = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "stvfm_engine.bench.floor",
+                             json.dumps({"kind": kind, "port": port, "y": list(y_shape)})],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log_file.seek(0)
+                raise LoadError(f"the {kind} floor app did not start: {log_file.read().decode()[-500:]}")
+            time.sleep(0.5)
+        rows = []
+        for n in concurrency:
+            row = _level(url, model, arrays, n, duration_s, max_requests, warmup, timeout_s, None, "json")
+            log(f"floor ({kind}) concurrency {n}: {row['requests']} requests, {row['errors']} errors, "
+                f"p50 {_fmt(row.get('p50_ms'), '.2f')} ms, {row['throughput']:.1f} requests/s")
+            rows.append(row)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"kind": kind, "app": KINDS[kind], "results": rows}
+
+
+def _targets(report: dict, floor: dict, offline: Callable[[int], dict]) -> dict:
+    """Issue 23's targets from one run: at 1 client, Ray's p50 <= 1.5 x the floor's p50 + Engine.predict's
+    batch-1 p50 and the front's serving cost <= 3 ms (``asgi``); at the highest concurrency, throughput >=
+    0.8 x 1 / (1 / floor rate + 1 / offline batch-8 rate)."""
+    by_n = {r["concurrency"]: r for r in report["results"]}
+    floor_by_n = {r["concurrency"]: r for r in floor["results"]}
+    out: dict = {}
+    b1 = offline(1)
+    if 1 in by_n and 1 in floor_by_n and "p50_ms" in by_n[1] and "p50_ms" in floor_by_n[1]:
+        p50, floor_p50 = by_n[1]["p50_ms"], floor_by_n[1]["p50_ms"]
+        out["offline_b1_p50_ms"] = b1["p50_ms"]
+        out["floor_p50_ms"] = floor_p50
+        if floor["kind"] == "ray":
+            limit = 1.5 * floor_p50 + b1["p50_ms"]
+            out["p50_1_client"] = {"served_ms": p50, "limit_ms": limit, "met": p50 <= limit}
+        else:
+            cost = p50 - b1["p50_ms"]
+            out["cost_1_client"] = {"served_ms": cost, "limit_ms": 3.0, "met": cost <= 3.0,
+                                    "over_floor_ms": p50 - floor_p50}
+    top = max(set(by_n) & set(floor_by_n), default=None)
+    if top is not None and top > 1:
+        b8 = offline(8)
+        rate = 1 / (1 / floor_by_n[top]["throughput"] + 1 / b8["throughput"]) if floor_by_n[top]["throughput"] else 0.0
+        served = by_n[top]["throughput"]
+        out["throughput"] = {"clients": top, "served": served, "floor": floor_by_n[top]["throughput"],
+                             "offline_b8": b8["throughput"], "limit": 0.8 * rate,
+                             "ratio": served / rate if rate else None, "met": served >= 0.8 * rate}
+    return out
 
 
 def offline_timer(predict: Callable, arrays_for: Callable[[int], tuple], iters: int = 20,
@@ -242,18 +311,29 @@ def _compare(report: dict, row: dict, offline: Callable[[int], dict]) -> None:
 
 
 def format_load_table(report: dict) -> str:
-    lines = [f"{report['url']} model {report['model']} ({report['protocol']}), {report['duration_s']:g} s per level"]
-    head = (f"{'clients':>7} {'batch':>5} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-            f"{'samples/s':>10} {'srv batch':>9} {'offline/s':>10} {'ratio':>6}")
+    lines = [f"{report['url']} model {report['model']} ({report['protocol']}, {report.get('body', 'binary')} bodies), "
+             f"{report['duration_s']:g} s per level"]
+    head = (f"{'':>6} {'clients':>7} {'batch':>5} {'requests':>8} {'errors':>6} {'wrong':>5} {'p50 ms':>8} "
+            f"{'p90 ms':>8} {'p99 ms':>8} {'samples/s':>10} {'srv batch':>9} {'offline/s':>10} {'ratio':>6}")
     lines += [head, "-" * len(head)]
-    for r in report["results"]:
-        lines.append(f"{r['concurrency']:>7} {r['batch']:>5} {r['requests']:>8} {r['errors']:>6} "
-                     f"{_fmt(r.get('p50_ms'), '.2f'):>8} {_fmt(r.get('p90_ms'), '.2f'):>8} {_fmt(r.get('p99_ms'), '.2f'):>8} "
-                     f"{r['throughput']:>10.1f} {_fmt(r['mean_batch'], '.2f'):>9} "
-                     f"{_fmt(r.get('offline_throughput'), '.1f'):>10} {_fmt(r.get('served_vs_offline'), '.2f'):>6}")
+    rows = [("floor", r) for r in report.get("floor", {}).get("results", [])] + \
+        [("server", r) for r in report["results"]]
+    for who, r in rows:
+        lines.append(f"{who:>6} {r['concurrency']:>7} {r['batch']:>5} {r['requests']:>8} {r['errors']:>6} "
+                     f"{_fmt(r.get('wrong'), 'd'):>5} {_fmt(r.get('p50_ms'), '.2f'):>8} "
+                     f"{_fmt(r.get('p90_ms'), '.2f'):>8} {_fmt(r.get('p99_ms'), '.2f'):>8} {r['throughput']:>10.1f} "
+                     f"{_fmt(r.get('mean_batch'), '.2f'):>9} {_fmt(r.get('offline_throughput'), '.1f'):>10} "
+                     f"{_fmt(r.get('served_vs_offline'), '.2f'):>6}")
         if r["first_error"]:
             lines.append(f"        first error: {r['first_error']}")
     if "serving_cost_ms" in report:
         lines.append(f"serving cost per request at 1 client: {report['serving_cost_ms']:.2f} ms "
                      "(served p50 - direct Engine.predict p50)")
+    if "floor" in report:
+        lines.append(f"floor: {report['floor']['app']}, measured alone before the server")
+    for name, t in report.get("targets", {}).items():
+        if isinstance(t, dict):
+            values = ", ".join(f"{k} {format(v, '.2f') if isinstance(v, float) else v}" for k, v in t.items()
+                               if k != "met")
+            lines.append(f"target {name}: {'met' if t['met'] else 'NOT met'} ({values})")
     return "\n".join(lines)

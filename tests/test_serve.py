@@ -10,35 +10,33 @@ clients at a time, and with malformed requests in flight.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 
-from helpers import ServerProcess, free_ports, random_inputs, rel_err, write_checkpoint
+from helpers import CONFIGS, free_ports, random_inputs, rel_err, ServerProcess, write_checkpoint
 from stvfm_engine.cli import main
 from stvfm_engine.engine import Engine
 from stvfm_engine.errors import InputError, ServeError
 from stvfm_engine.export.build import build_engine
 from stvfm_engine.export.multi_build import build_multi_engine
 from stvfm_engine.model.checkpoint import load_model
-from stvfm_engine.model.config import STVFMConfig
 
 pytest.importorskip("tritonclient", reason="the serve extra is not installed: pip install 'stvfm-engine[serve]'")
 pytest.importorskip("pytriton", reason="the serve extra is not installed: pip install 'stvfm-engine[serve]'")
 
-from bench.load import check_loopback, read_counters, run_load  # noqa: E402
+from stvfm_engine.bench.load import read_counters, run_load  # noqa: E402
+from stvfm_engine.wire import check_loopback  # noqa: E402
 from stvfm_engine.client import Client  # noqa: E402
-from stvfm_engine.serving.models import BatchRunner, models_of  # noqa: E402
-from stvfm_engine.serving.triton_repo import export_repository, read_config  # noqa: E402
+from stvfm_engine.serving.models import Worker, models_of  # noqa: E402
+from stvfm_engine.serving.tritonserver_repo import export_repository, read_config  # noqa: E402
 
-ODD = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, channels=3, height=13, width=7, patch=2,
-                  history=5, horizon=2, steps_per_day=24, adapter_dim=16, prompts=4, heads=3)
-NOTIME = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, channels=1, height=6, width=5, patch=3,
-                     history=3, horizon=1, steps_per_day=0, adapter_dim=8, prompts=2, heads=3)
+ODD = CONFIGS["vit-tiny-c3-13x7-p2-T5-H2-day24-a16-m4"]
+NOTIME = CONFIGS["vit-tiny-c1-6x5-p3-T3-H1-notime"]
 MAX_BATCH = 8
 
 
@@ -200,8 +198,12 @@ def test_sixteen_clients_are_batched(server, direct):
 def test_models_of_a_directory_share_one_backbone_and_its_batches(server, direct):
     """north and south run their own parts and send every backbone pass to the one ``_backbone`` model (one
     instance: one backbone in memory), whose dynamic batcher may join passes of both models."""
-    with urllib.request.urlopen(server["http"] + "/v2/models/_backbone", timeout=10) as r:
-        assert [t["name"] for t in json.load(r)["inputs"]] == ["tokens"]
+    import tritonclient.grpc as tg
+
+    with tg.InferenceServerClient(server["grpc"][len("grpc://"):]) as client:  # internal: not on the HTTP front
+        assert [t["name"] for t in client.get_model_metadata("_backbone", as_json=True)["inputs"]] == ["tokens"]
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(server["http"] + "/v2/models/_backbone", timeout=10)
     before = {m: read_counters(server["metrics"], m) for m in ("north", "south", "_backbone")}
     assert _hammer_models(server["grpc"], direct, {"north": 300, "south": 400}, clients=8, per_client=4) == []
     grown = {m: _counted(server["metrics"], m, before[m], 32 if m != "_backbone" else 2 * 64) for m in before}
@@ -245,21 +247,22 @@ def test_malformed_requests_in_flight_get_errors_others_answers(server, direct):
         assert expected in message and "\n" not in message.strip(), message
 
 
-def test_batch_runner_answers_each_request_of_a_mixed_batch(direct):
-    """The step every server runs on a batch: bad requests are answered alone, the rest stacked."""
+def test_worker_answers_each_request_of_a_mixed_batch(direct):
+    """The step every server runs on the requests it gathered: each is checked by the session on its own
+    (bad ones answered alone), the rest run through the session's one scheduler."""
     engine, make = direct["odd"]
-    runner = BatchRunner(engine.engine)
+    worker = Worker(engine.engine)
     rng = np.random.default_rng(5)
-    good = [make(b, rng) for b in (1, 3, 4, 2)]  # 10 samples: two predict calls of <= 8
+    good = [make(b, rng) for b in (1, 3, 4, 2)]  # 10 samples: two backend calls of <= 8
     bad_x = good[0][0].copy()
     bad_x[0, 0, 0, 0, 0] = np.inf
     requests = [good[0], (bad_x, good[0][1], good[0][2]), good[1], good[2], (good[3][0], good[3][1], None), good[3]]
-    results = runner.run(requests)
+    results = worker.answer([(None, *r) for r in requests])
     assert isinstance(results[1], InputError) and "non-finite" in str(results[1])
     assert isinstance(results[4], InputError) and "missing dow" in str(results[4])
     for i, request in ((0, good[0]), (2, good[1]), (3, good[2]), (5, good[3])):
         assert rel_err(results[i], engine.predict(*request)) <= 1e-6
-    assert (runner.inferences, runner.executions) == (10, 2)
+    assert list(worker.counts.values()) == [[10, 2]]
 
 
 def test_multi_model_directory_serves_each_model_by_its_name(engines, direct, capsys):
@@ -380,7 +383,7 @@ def test_export_triton_refusals_are_one_line(engines, tmp_path, capsys):
 @pytest.mark.slow
 def test_exported_python_repository_serves_on_the_bundled_server(engines, direct, tmp_path):
     """The Python-backend repository export-triton writes, loaded by the bundled Triton server as is."""
-    from stvfm_engine.serving.triton_server import TritonOptions, TritonProcess, backend_directory, bundle
+    from stvfm_engine.serving.tritonserver import TritonOptions, TritonProcess, backend_directory, bundle
 
     engine, make = direct["odd"]
     export_repository(engines["odd"], tmp_path / "repo", platform="python", name="odd")
@@ -398,86 +401,3 @@ def test_exported_python_repository_serves_on_the_bundled_server(engines, direct
             assert rel_err(client.predict(x, tod, dow), engine.predict(x, tod, dow)) <= 1e-6
     finally:
         assert triton.stop() == 0
-
-
-# ---------------------------------------------------------------------------------------------- Ray Serve
-@pytest.fixture(scope="module")
-def ray_server(engines):
-    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'stvfm-engine[ray]'")
-    (http,) = free_ports(1)
-    proc = ServerProcess(["serve", str(engines["odd"]), str(engines["notime"]), str(engines["regions"]),
-                          "--ray", "--http-port", str(http), "--threads", "1", "--max-queue-delay-ms", "20"])
-    proc.wait_ready(timeout_s=300)
-    yield {"http": f"http://127.0.0.1:{http}", "proc": proc}
-    proc.stop()
-
-
-@pytest.mark.slow
-def test_ray_answers_what_triton_answers(ray_server, direct):
-    """The same client, the same requests: equal answers, the same refusals, the same metadata."""
-    url = ray_server["http"]
-    for model in ("odd", "notime", "north", "south"):  # north, south: one deployment, one backbone
-        engine, make = direct[model]
-        rng = np.random.default_rng(21)
-        with Client(url, model=model) as client:
-            assert client.ready(model) and not client.ready("no-such-model")
-            for batch in (1, 3, MAX_BATCH):
-                x, tod, dow = make(batch, rng)
-                assert rel_err(client.predict(x, tod, dow), engine.predict(x, tod, dow)) <= 1e-6, (model, batch)
-    with urllib.request.urlopen(url + "/v2/models/odd", timeout=10) as r:
-        meta = json.load(r)
-    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
-        ("x", "FP32", [-1, ODD.history, ODD.channels, ODD.height, ODD.width]), ("tod", "INT64", [-1, ODD.history]),
-        ("dow", "INT64", [-1, ODD.history])]
-    engine, make = direct["odd"]
-    x, tod, dow = make(1, np.random.default_rng(22))
-    with Client(url, model="odd") as client:
-        for args, expected in (((x * np.nan, tod, dow), "expected finite float32"),
-                               ((x, tod + ODD.steps_per_day, dow), "tod must be in"),
-                               ((x[..., :-1], tod, dow), "expected x [B, 5, 3, 13, 7]"),
-                               ((x, None, None), "missing input(s) ['tod', 'dow']")):
-            with pytest.raises(InputError, match=re.escape(expected)):
-                client.predict(*args)
-
-
-@pytest.mark.slow
-def test_ray_batches_concurrent_clients_with_bad_ones_in_flight(ray_server, direct):
-    engine, make = direct["odd"]
-    metrics = ray_server["http"] + "/metrics"
-    x, tod, dow = make(1, np.random.default_rng(23))
-    refused = []
-
-    def bad(start):
-        with Client(ray_server["http"], model="odd") as client:
-            start.wait()
-            for _ in range(4):
-                with pytest.raises(InputError):
-                    client.predict(x, tod, dow + 7)
-                refused.append(1)
-
-    before = read_counters(metrics, "odd")
-    assert _hammer(ray_server["http"], "odd", make, engine, clients=16, per_client=4, seed=300, bad=bad) == []
-    assert len(refused) == 4
-    samples, executions = _counted(metrics, "odd", before, 16 * 4)
-    assert samples == 16 * 4 and samples / executions >= 2, f"mean batch {samples / executions:.2f}"
-
-
-@pytest.mark.slow
-def test_ray_serves_a_multi_model_directory_from_one_deployment(ray_server, direct):
-    """north and south share one deployment: concurrent requests of both, each answered by its own model."""
-    metrics = ray_server["http"] + "/metrics"
-    before = {m: read_counters(metrics, m) for m in ("north", "south")}
-    assert _hammer_models(ray_server["http"], direct, {"north": 500, "south": 600}, clients=4, per_client=3) == []
-    counts = {m: _counted(metrics, m, before[m], 12)[0] for m in ("north", "south")}
-    assert counts == {"north": 12, "south": 12}
-
-
-@pytest.mark.slow
-def test_ray_sigterm_deletes_the_app_and_stops_ray(ray_server):
-    proc = ray_server["proc"]
-    assert len(proc.family) >= 4, "expected the command and the processes of its local Ray instance"
-    t0 = time.monotonic()
-    assert proc.stop(timeout_s=20) == 0, proc.stderr()[-2000:]
-    assert time.monotonic() - t0 < 10
-    assert proc.leftovers == [], "Ray processes left behind"
-    assert "serve: stopped" in proc.stderr()

@@ -29,8 +29,14 @@ With --url, load-test a running server instead (stvfm-engine serve, Triton or Ra
 HTTP or gRPC with tritonclient, to this machine only; the report has p50/p90/p99, throughput, errors
 and the server's mean batch (from its Prometheus counters: --metrics-url, e.g. Triton's
 http://127.0.0.1:8002/metrics; a Ray Serve app answers URL/metrics). Given an engine DIR too, the same
-model is timed offline with Engine.predict at the server's mean batch for comparison.
-  stvfm-engine bench bike.engine --url http://127.0.0.1:8000 --model bike.engine --concurrency 1,4,16 \
+model is timed offline with Engine.predict at the server's mean batch for comparison, and every answer is
+checked against it. --body json sends JSON tensors instead of binary ones; --floor ray|asgi first
+measures the server kind's own floor alone (a plain Ray Serve deployment, or a plain ASGI app) and
+reports issue 23's targets. --faults triton,ray starts 'serve DIR' itself and runs the fault scenario
+(64 clients, 2000 requests, 10% malformed, SIGTERM at the midpoint) and the overload case.
+  stvfm-engine bench tiny.engine --url http://127.0.0.1:8000 --model tiny.engine --body json --floor ray
+  stvfm-engine bench tiny.engine --faults triton,ray --json faults.json
+  stvfm-engine bench bike.engine --url http://127.0.0.1:8000 --model bike.engine --concurrency 1,4,16 \\
       --metrics-url http://127.0.0.1:8002/metrics --json load.json
   stvfm-engine bench nyc.engine bike.engine taxi.engine --mix bike:8,taxi:8 --backends onnxruntime
 """
@@ -69,6 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.url:
         return _bench_url(args)
+    if args.faults:
+        return _bench_faults(args)
     if args.mix:
         return _bench_mix(args)
     if not args.target:
@@ -135,8 +143,9 @@ def _bench_mix(args: argparse.Namespace) -> int:
 
 
 def _bench_url(args: argparse.Namespace) -> int:
-    """``bench --url``: the load test of a running server (bench.load), optionally against ``Engine.predict``."""
-    from stvfm_engine.bench.load import LoadError, format_load_table, offline_timer, run_load
+    """``bench --url``: the load test of a running server (bench.load), optionally against ``Engine.predict``
+    (every answer checked, offline timings) and the server kind's floor app (``--floor``)."""
+    from stvfm_engine.bench.load import LoadError, format_load_table, measure_floor, offline_timer, run_load
     from stvfm_engine.bench.report import header
     from stvfm_engine.bench.runner import make_inputs, parse_list
     from stvfm_engine.engine import Engine
@@ -146,26 +155,65 @@ def _bench_url(args: argparse.Namespace) -> int:
         raise LoadError("--url needs --model NAME (the served model's name)")
     if len(args.target) > 1:
         raise LoadError("--url compares with at most one engine DIR")
+    if args.floor and not args.target:
+        raise LoadError("--floor needs the engine DIR (the floor app answers arrays of its output's size)")
     log = _progress(args)
     engine = Engine.load(args.target[0], threads=args.threads) if args.target else None
-    arrays = offline = None
+    arrays = offline = expected = floor = None
+    concurrency = parse_list(args.concurrency, int)
     if engine is not None:  # requests like bench's own inputs, and Engine.predict timed after each level
         key = args.model if len(engine.models) > 1 else None  # the served model of a multi-model DIR
         if key is not None and key not in engine.models:
             raise LoadError(f"{engine.directory} holds no model {key!r}; its models: {list(engine.models)}")
         config = engine.models[key] if key else engine.config
         arrays = {k: v for k, v in zip(("x", "tod", "dow"), make_inputs(config, batch)) if v is not None}
+        expected = engine.predict(arrays["x"], arrays.get("tod"), arrays.get("dow"), model=key)
         offline = offline_timer(lambda *a: engine.predict(*a, model=key), lambda b: make_inputs(config, b),
                                 args.iters, args.warmup)
+        if args.floor:
+            floor = measure_floor(args.floor, args.model, arrays, expected.shape[1:], concurrency, args.duration,
+                                  args.requests, log=log)
     command = ["stvfm-engine", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None
-    report = {**header("cpu", command), **run_load(args.url, args.model, parse_list(args.concurrency, int),
-                                                   args.duration, batch, args.metrics_url, arrays,
-                                                   args.requests, offline=offline, log=log)}
+    report = {**header("cpu", command), **run_load(args.url, args.model, concurrency, args.duration, batch,
+                                                   args.metrics_url, arrays, args.requests, offline=offline, log=log,
+                                                   body_kind=args.body, expected=expected, floor=floor)}
     if engine is not None:
         report["offline_engine"] = {"directory": str(engine.directory), "backend": engine.backend,
                                     "precision": engine.precision, "threads": engine.threads}
     print(format_load_table(report))
     _save(report, args, log)
+    return 0
+
+
+def _bench_faults(args: argparse.Namespace) -> int:
+    """``bench DIR --faults triton,ray``: bench.faults' scenario and overload case, each on a ``serve`` it starts."""
+    from stvfm_engine.bench.faults import format_faults, run_faults, run_overload
+    from stvfm_engine.bench.report import header, write_json
+    from stvfm_engine.bench.runner import BenchError, make_inputs, parse_list
+    from stvfm_engine.engine import Engine
+
+    kinds = parse_list(args.faults)
+    if len(args.target) != 1 or any(k not in ("triton", "ray") for k in kinds):
+        raise BenchError("--faults takes one engine DIR (a one-model engine) and servers from triton, ray")
+    log = _progress(args)
+    engine = Engine.load(args.target[0], threads=args.threads)
+    config = engine.config
+
+    def inputs(batch: int, seed: int) -> dict:
+        return {k: v for k, v in zip(("x", "tod", "dow"), make_inputs(config, batch, seed)) if v is not None}
+
+    def predict(arrays: dict):
+        return engine.predict(arrays["x"], arrays.get("tod"), arrays.get("dow"))
+
+    command = ["stvfm-engine", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None
+    report = {**header("cpu", command), "engine": str(engine.directory), "faults": [], "overload": []}
+    for kind in kinds:
+        report["faults"].append(run_faults(args.target[0], kind, predict, inputs, log=log))
+        report["overload"].append(run_overload(args.target[0], kind, predict, inputs, log=log))
+        print(format_faults({"faults": report["faults"][-1:], "overload": report["overload"][-1:]}), flush=True)
+    if args.json:
+        write_json(report, args.json)
+        log(f"JSON written to {args.json}")
     return 0
 
 
@@ -210,4 +258,14 @@ def register(sub) -> None:
     load.add_argument("--requests", type=positive_int, default=100_000,
                       help="at most this many requests per level (default 100000)")
     load.add_argument("--metrics-url", help="the server's Prometheus metrics (default: URL/metrics if it answers)")
+    p.add_argument("--faults", metavar="SERVERS",
+                   help="comma list of triton, ray: start 'serve DIR' on each and run the fault scenario (64 clients, "
+                        "2000 JSON requests, 10%% malformed, SIGTERM at the midpoint) and the overload case "
+                        "(--max-queue 8, 256 requests at once); lost and wrong must be 0")
+    load.add_argument("--body", choices=("binary", "json"), default="binary",
+                      help="request bodies: tritonclient's binary tensors (default) or JSON data (HTTP only)")
+    load.add_argument("--floor", choices=("ray", "asgi"),
+                      help="first measure the server kind's own floor alone (a plain Ray Serve deployment, or a "
+                           "plain ASGI app on uvicorn, that decodes the same JSON body and answers a y-sized "
+                           "array), stop it, then the server; with DIR, report issue 23's targets")
     p.set_defaults(func=cmd_bench)

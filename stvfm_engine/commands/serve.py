@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from stvfm_engine.commands.common import non_negative_float, port, positive_int
+from stvfm_engine.commands.common import non_negative_float, port, positive_float, positive_int
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -15,7 +15,9 @@ directory is one model named after the directory (or --name); a multi-model dire
 of its models by its name. Inputs x float32 [B, T, C, H, W], tod/dow int64 [B, T]; output y.
 Requests are batched by the server up to the engine's max batch; each is validated on its own, so a
 bad one gets an error naming what was expected while the others batched with it are answered.
-Readiness and progress go to stderr; SIGTERM/SIGINT drains in-flight requests and exits 0.
+Readiness (only once every model has run) and progress go to stderr. A full queue is refused at
+once (503); SIGTERM/SIGINT drains: readiness turns false, new requests get 503, every accepted one is
+answered, then exit 0 (3 if --drain-timeout expired first). A port already in use: one line, exit 2.
 
 Examples:
   stvfm-engine serve bike.engine                        # HTTP :8000, gRPC :8001, metrics :8002
@@ -40,27 +42,49 @@ Examples:
 def cmd_serve(args: argparse.Namespace) -> int:
     from stvfm_engine.serving.models import served_models
 
+    _refuse_unhonoured(args)
     models = served_models(args.engines, args.name, backend=args.backend, threads=args.threads)
     if args.ray:
-        from stvfm_engine.serving.ray_app import RayOptions, serve_ray
+        from stvfm_engine.serving.ray_server import RayOptions, serve_ray
 
         return serve_ray(models, RayOptions(host=args.host, http_port=args.http_port, address=args.ray_address,
-                                            replicas=args.replicas, ready_timeout_s=args.ready_timeout,
-                                            **_delay(args)))
-    from stvfm_engine.serving.triton_server import TritonOptions, serve_triton
+                                            replicas=args.replicas or 1, ready_timeout_s=args.ready_timeout,
+                                            **_delay(args), **_admission(args)))
+    from stvfm_engine.serving.tritonserver import TritonOptions, serve_triton
 
-    return serve_triton(models, TritonOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                                              metrics_port=args.metrics_port, instances=args.instances,
-                                              ready_timeout_s=args.ready_timeout, verbose=args.verbose,
-                                              **_delay(args)))
+    return serve_triton(models, TritonOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port or 8001,
+                                              metrics_port=args.metrics_port or 8002, instances=args.instances or 1,
+                                              ready_timeout_s=args.ready_timeout, verbose=bool(args.verbose),
+                                              **_delay(args), **_admission(args)))
 
 
 def _delay(args: argparse.Namespace) -> dict:
-    return {} if args.max_queue_delay_ms is None else {"max_queue_delay_ms": args.max_queue_delay_ms}
+    return {"max_queue_delay_ms": args.max_queue_delay_ms}
+
+
+def _admission(args: argparse.Namespace) -> dict:
+    """The options both servers take: admission (queue, deadline, body size) and the drain's limit."""
+    return {"max_queue": args.max_queue, "request_timeout_ms": args.request_timeout_ms,
+            "drain_timeout_s": args.drain_timeout, "max_request_mb": args.max_request_mb}
+
+
+# options one server cannot honour: refused in one line rather than ignored
+TRITON_ONLY = ("grpc_port", "metrics_port", "instances", "verbose")
+RAY_ONLY = ("ray_address", "replicas")
+
+
+def _refuse_unhonoured(args: argparse.Namespace) -> None:
+    from stvfm_engine.errors import ServeError
+
+    given = [name for name in (TRITON_ONLY if args.ray else RAY_ONLY) if getattr(args, name) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ServeError(f"{flags}: not honoured by {'Ray Serve (--ray)' if args.ray else 'Triton (serve without --ray)'}"
+                         "; drop it")
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
-    from stvfm_engine.serving.triton_repo import export_repository
+    from stvfm_engine.serving.tritonserver_repo import export_repository
 
     paths = export_repository(args.engine, args.output, platform=args.platform, name=args.name, backend=args.backend,
                               max_queue_delay_us=int(args.max_queue_delay_ms * 1000), instances=args.instances)
@@ -79,24 +103,38 @@ def register(sub) -> None:
                    help="model name of each DIR, in order (default: the directory's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--http-port", type=port, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=port, default=8001, help="gRPC port, Triton only (default 8001)")
-    p.add_argument("--metrics-port", type=port, default=8002,
+    p.add_argument("--grpc-port", type=port, help="gRPC port, Triton only (default 8001)")
+    p.add_argument("--metrics-port", type=port,
                    help="Prometheus metrics port, Triton only (default 8002; Ray serves /metrics on the HTTP port)")
-    p.add_argument("--max-queue-delay-ms", type=non_negative_float, metavar="MS",
-                   help="how long a request may wait for others to batch with (default 2 on Triton, 20 on Ray)")
+    p.add_argument("--max-queue-delay-ms", type=non_negative_float, default=0.0, metavar="MS",
+                   help="how long a request may wait for others to batch with when its model is idle (default 0: "
+                        "an idle model runs at once; requests that arrive while it runs form the next batch)")
+    p.add_argument("--max-queue", type=positive_int, metavar="N",
+                   help="requests waiting per model beyond which new ones are refused at once (HTTP 503, gRPC "
+                        "UNAVAILABLE) (default 8 x the engine's max batch)")
+    p.add_argument("--request-timeout-ms", type=positive_float, default=30000.0, metavar="MS",
+                   help="a request not answered within MS is refused (HTTP 503/504, gRPC UNAVAILABLE or "
+                        "DEADLINE_EXCEEDED) (default 30000)")
+    p.add_argument("--max-request-mb", type=positive_float, default=64.0, metavar="MB",
+                   help="largest request body in MiB; a larger one is answered 413 before it is read (default 64)")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, wait at most S seconds for accepted requests to be answered, "
+                        "else exit 3 (default 30)")
     p.add_argument("--backend", choices=names(bench=False), help="engine backend (default: the fastest available)")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads per model instance")
-    p.add_argument("--instances", type=positive_int, default=1, help="Triton model instances per model (default 1)")
+    p.add_argument("--instances", type=positive_int, help="Triton model instances per model (default 1)")
     p.add_argument("--ready-timeout", type=non_negative_float, default=300.0, metavar="S",
                    help="give up if the server is not ready after S seconds (default 300)")
-    p.add_argument("--verbose", action="store_true", help="show Triton's info log too")
+    p.add_argument("--verbose", action="store_true", default=None, help="show Triton's info log too")
     ray = p.add_argument_group("Ray Serve (extra [ray])")
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of Triton")
-    ray.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start a local instance)")
-    ray.add_argument("--replicas", type=positive_int, default=1, help="replicas per model (default 1)")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="an existing Ray cluster, or 'local': a private instance whose HTTP proxy binds --host "
+                          "(default: RAY_ADDRESS if set, else local)")
+    ray.add_argument("--replicas", type=positive_int, help="replicas per model (default 1)")
     p.set_defaults(func=cmd_serve)
 
-    from stvfm_engine.serving.triton_repo import platforms
+    from stvfm_engine.serving.tritonserver_repo import platforms
 
     e = sub.add_parser("export-triton", formatter_class=FORMATTER, description=EXPORT_DESCRIPTION,
                        help="write a Triton model repository (ONNX Runtime, TensorRT or Python backend)")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from stvfm_engine.errors import ServeError
 from stvfm_engine.serving.models import ServedModel
@@ -71,3 +72,29 @@ def wait_ready(url: str, stop: threading.Event, alive: Callable[[], Optional[str
 
 def describe(models: list[ServedModel]) -> str:
     return ", ".join(f"{m.name} ({m.backend} {m.precision}, max batch {m.max_batch})" for m in models)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP listener on ``host:port``, bound before anything else starts: a port another server holds is
+    a one-line :class:`ServeError` (the CLI's exit 2) before anything says ready."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else each response whose headers and
+    # body are written apart waits ~40 ms for the client's delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror} (another server holds the port? "
+                         "pick another with --http-port/--grpc-port/--metrics-port)") from None
+    sock.setblocking(False)
+    return sock
+
+
+def check_free(host: str, ports: Sequence[int]) -> None:
+    """Each of ``ports`` can be listened on now (for the ports a child process binds itself)."""
+    for port in ports:
+        listen(host, port).close()

@@ -2,10 +2,14 @@
 process on a temporary repository of Python-backend models (README "Serving" says why not PyTriton's API)."""
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import ctypes
 import ctypes.util
+import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,12 +22,21 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from stvfm_engine.errors import ServeError
-from stvfm_engine.serving.lifecycle import describe, log, loopback, stop_on_signals, wait_ready
+from stvfm_engine.serving.lifecycle import (
+    STOP_SIGNALS,
+    check_free,
+    describe,
+    listen,
+    log,
+    loopback,
+)
 from stvfm_engine.serving.models import ServedModel
-from stvfm_engine.serving.triton_repo import write_serving_repository
+from stvfm_engine.serving.tritonserver_repo import QueuePolicy, write_serving_repository
 
-STOP_TIMEOUT_S = 9.0  # SIGTERM/SIGINT to exit, all processes included (the promise is 10 s)
-TRITON_EXIT_TIMEOUT_S = 6  # Triton's own wait for in-flight requests before it unloads the models
+STOP_TIMEOUT_S = 9.0  # tritonserver's SIGTERM to exit, all its processes included, once nothing is in flight
+PYTHON_ENVS = Path("/tmp/python_env_*")  # made by Triton's Python backend at start, whatever TMPDIR says
+WATCH_S = 0.2  # how often serve checks that tritonserver lives (it stops within 5 s of a death)
+DEFAULT_QUEUE_PER_BATCH = 8  # --max-queue default: 8 x max batch per model
 # Harmless lines of a CPU-only machine, shown only with --verbose
 CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML",
                   "Unable to allocate pinned system memory", "DCGM")
@@ -35,10 +48,14 @@ class TritonOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0
     instances: int = 1
     ready_timeout_s: float = 300.0
     verbose: bool = False
+    max_queue: Optional[int] = None  # per model; None: DEFAULT_QUEUE_PER_BATCH x its max batch
+    request_timeout_ms: float = 30000.0
+    drain_timeout_s: float = 30.0
+    max_request_mb: float = 64.0
 
 
 @dataclass(frozen=True)
@@ -104,15 +121,18 @@ def _die_with_parent() -> None:
 class TritonProcess:
     """A running ``tritonserver`` in its own process group (its Python-backend stubs included)."""
 
-    def __init__(self, found: Bundle, repository: Path, backends: Path, options: TritonOptions):
+    def __init__(self, found: Bundle, repository: Path, backends: Path, options: TritonOptions,
+                 extra_args: Sequence[str] = ()):
         o = options
         args = [str(found.binary), f"--model-repository={repository}", f"--backend-directory={backends}",
                 f"--http-address={o.host}", f"--http-port={o.http_port}",
                 f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
                 f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
                 "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
-                f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}", f"--log-info={str(o.verbose).lower()}"]
+                f"--exit-timeout-secs={math.ceil(o.drain_timeout_s) + 1}", f"--log-info={str(o.verbose).lower()}", *extra_args]
         self.verbose = o.verbose
+        self._envs_before = set(PYTHON_ENVS.parent.glob(PYTHON_ENVS.name))
+        self._started = time.time()
         self.errors: collections.deque[str] = collections.deque(maxlen=20)  # the last error lines, for died()
         self.proc = subprocess.Popen(args, env=server_env(found.libs), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -126,7 +146,10 @@ class TritonProcess:
             if line[:1] == "E" or "error" in line.lower():
                 self.errors.append(line)
             if self.verbose or not any(n in line for n in CPU_ONLY_NOISE):
-                print(line, file=sys.stderr, flush=True)
+                try:
+                    print(line, file=sys.stderr, flush=True)
+                except (OSError, ValueError):  # stderr gone (EPIPE): keep draining the pipe, or Triton blocks
+                    pass
 
     def died(self) -> Optional[str]:
         code = self.proc.poll()
@@ -136,12 +159,42 @@ class TritonProcess:
         last = next((e for e in reversed(self.errors) if not any(n in e for n in CPU_ONLY_NOISE)), "no error logged")
         return f"tritonserver exited with code {code}: {last.strip()[:300]}"
 
+    def workers(self) -> dict[int, str]:
+        """``{pid: model name}`` of the Python-backend stubs (one per model instance) now running."""
+        out = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == self.proc.pid and len(args) > 1 and args[0].endswith(b"triton_python_backend_stub"):
+                out[int(entry.name)] = Path(args[1].decode("utf-8", "replace")).parents[1].name
+        return out
+
+    def remove_python_envs(self) -> None:
+        """Remove the empty ``/tmp/python_env_*`` directory the Python backend made at start (a path it does
+        not take from ``TMPDIR``): it removes it itself only when it exits gracefully. Those that appeared
+        since this server started and are empty (another server's would only be empty too; rmdir only)."""
+        for path in set(PYTHON_ENVS.parent.glob(PYTHON_ENVS.name)) - self._envs_before:
+            try:
+                if path.stat().st_mtime >= self._started - 1:
+                    path.rmdir()
+            except OSError:
+                pass
+
+    def terminate(self) -> None:
+        """SIGTERM: Triton refuses new requests, finishes those it holds, unloads the models and exits."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (Triton stops accepting, finishes in-flight requests, unloads the models), then SIGKILL
         for anything of its process group still alive after ``timeout_s``. Returns Triton's exit code."""
         deadline = time.monotonic() + timeout_s
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -155,6 +208,15 @@ class TritonProcess:
         return code
 
 
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet waited for by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -163,26 +225,152 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+
+
+def queue_policies(models: Sequence[ServedModel], options: TritonOptions) -> dict[str, QueuePolicy]:
+    return {m.name: QueuePolicy(options.max_queue or DEFAULT_QUEUE_PER_BATCH * m.max_batch,
+                                int(options.request_timeout_ms * 1000)) for m in models}
+
+
 def serve_triton(models: Sequence[ServedModel], options: TritonOptions = TritonOptions()) -> int:
-    """Serve ``models`` until SIGTERM/SIGINT; then drain, stop every process and return 0."""
+    """Serve ``models`` until SIGTERM/SIGINT, then drain: 0 when every accepted request was answered and
+    every process exited cleanly, 3 when ``drain_timeout_s`` left requests unanswered, 1 when
+    ``tritonserver`` exited non-zero. A port already held, or ``tritonserver`` dying, is a
+    :class:`ServeError` (exit 2)."""
     found = bundle()
-    host = loopback(options.host)
-    with tempfile.TemporaryDirectory(prefix="stvfm-serve-") as tmp, stop_on_signals() as stop:
-        repository = write_serving_repository(models, Path(tmp) / "models", int(options.max_queue_delay_ms * 1000),
-                                              options.instances)
-        backends = backend_directory(found, Path(tmp) / "backends")
-        log(f"starting Triton Inference Server (nvidia-pytriton {found.version}) with {describe(list(models))}")
-        server = TritonProcess(found, repository, backends, options)
-        try:
-            if wait_ready(f"http://{host}:{options.http_port}/v2/health/ready", stop, server.died,
-                          options.ready_timeout_s):
-                log(f"ready: HTTP http://{host}:{options.http_port}, gRPC {host}:{options.grpc_port}, "
-                    f"metrics http://{host}:{options.metrics_port}/metrics; models: {', '.join(m.name for m in models)}")
-            while not stop.wait(0.5):
-                if why := server.died():
-                    raise ServeError(why)
-            log(f"{stop.signal_name}: draining in-flight requests, then stopping")
-        finally:
-            code = server.stop()
-        log(f"stopped (tritonserver exit code {code})")
-    return 0
+    from stvfm_engine.serving.front import Front, Limits
+
+    listener = listen(options.host, options.http_port)  # before anything starts: a held port is exit 2 here
+    try:
+        check_free(options.host, (options.grpc_port, options.metrics_port))
+        queues = queue_policies(models, options)
+        limits = Limits(int(options.max_request_mb * 2 ** 20), options.request_timeout_ms / 1000,
+                        {name: q.max_queue for name, q in queues.items()})
+        with tempfile.TemporaryDirectory(prefix="stvfm-serve-") as tmp:
+            repository = write_serving_repository(models, Path(tmp) / "models", int(options.max_queue_delay_ms * 1000),
+                                                  options.instances, queues)
+            backends = backend_directory(found, Path(tmp) / "backends")
+            front = Front(models, f"{loopback(options.host)}:{options.grpc_port}", limits)
+            return asyncio.run(_serve(models, options, found, repository, backends, front, listener))
+    finally:
+        listener.close()
+
+
+async def _serve(models, options: TritonOptions, found: Bundle, repository: Path, backends: Path, front,
+                 listener) -> int:
+    from stvfm_engine.serving.front import http_server
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals: list[str] = []
+    def on_signal(sig: signal.Signals) -> None:
+        front.draining = True  # readiness false, new requests 503, at once
+        signals.append(sig.name)
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    # Triton's HTTP is off (the front answers HTTP); on gRPC its repository, shared-memory, trace and logging
+    # protocols want a header value nobody knows: not public either.
+    extra = ["--allow-http=false",
+             f"--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:{LOCKED}={secrets.token_hex(16)}"]
+    log(f"starting Triton Inference Server (nvidia-pytriton {found.version}) with {describe(list(models))}")
+    server = TritonProcess(found, repository, backends, options, extra)
+    web = None
+    try:
+        await front.connect()
+        if not await _until(front.triton_ready, stop, server, options.ready_timeout_s, "tritonserver ready"):
+            return 0
+        await _warm_up(front, models, stop, server)
+        if stop.is_set():
+            return 0
+        web = http_server(front, listener)
+        serving = asyncio.create_task(web.serve(sockets=[listener]))
+        while not web.started:  # uvicorn loaded and answering before anything says ready
+            if serving.done():
+                raise ServeError(f"the HTTP front did not start: {serving.exception() or 'no error'}")
+            await asyncio.sleep(0.01)
+        front.warm = True
+        host = loopback(options.host)
+        log(f"ready: HTTP http://{host}:{options.http_port}, gRPC {host}:{options.grpc_port}, metrics "
+            f"http://{host}:{options.metrics_port}/metrics; models: {', '.join(m.name for m in models)}")
+        workers = server.workers()  # every model's (and backbone's) worker, warm
+        while not stop.is_set():
+            if why := server.died():
+                raise ServeError(why)
+            if front.warm and (dead := sorted({name for pid, name in workers.items() if not _alive(pid)})):
+                front.warm = False  # readiness false: a load balancer routes elsewhere; requests get 503s
+                log(f"the worker of {', '.join(dead)} died: not ready any more (requests it serves are refused "
+                    "with 503)")
+            if serving.done():
+                raise ServeError(f"the HTTP front stopped: {serving.exception() or 'no error'}")
+            with _suppress_timeout():
+                await asyncio.wait_for(stop.wait(), WATCH_S)
+        log(f"{signals[0]}: draining: {front.in_flight} request(s) in flight; new ones are refused (HTTP 503, "
+            "gRPC UNAVAILABLE)")
+        started = time.monotonic()
+        server.terminate()  # tritonserver refuses new gRPC requests (UNAVAILABLE) and finishes what it holds
+        left = await front.wait_answered(options.drain_timeout_s)
+        web.should_exit = True
+        await serving
+        web = None
+        code = await asyncio.to_thread(server.stop, max(1.0, started + options.drain_timeout_s - time.monotonic()))
+        if left:
+            log(f"drain timeout ({options.drain_timeout_s:g} s, --drain-timeout) expired with {left} request(s) "
+                "unanswered")
+            return 3
+        if code != 0:
+            log(f"tritonserver exited with code {code}")
+            return 1
+        log(f"stopped: every accepted request answered ({time.monotonic() - started:.1f} s)")
+        return 0
+    finally:
+        if web is not None:
+            web.should_exit = web.force_exit = True
+        await front.close()
+        if server.proc.poll() is None:
+            await asyncio.to_thread(server.stop)
+        server.remove_python_envs()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+LOCKED = "stvfm-serve-locked"
+
+
+async def _until(probe, stop: asyncio.Event, server: TritonProcess, timeout_s: float, what: str) -> bool:
+    """Poll ``probe()`` until True (True), ``stop`` is set (False), ``tritonserver`` dies or ``timeout_s``
+    passes (:class:`ServeError`)."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        if why := server.died():
+            raise ServeError(why)
+        if await probe():
+            return True
+        if time.monotonic() > deadline:
+            raise ServeError(f"{what}: not within {timeout_s:.0f} s (--ready-timeout)")
+        with _suppress_timeout():
+            await asyncio.wait_for(stop.wait(), 0.25)
+    return False
+
+
+def _suppress_timeout():
+    return contextlib.suppress(asyncio.TimeoutError)
+
+
+async def _warm_up(front, models: Sequence[ServedModel], stop: asyncio.Event, server: TritonProcess) -> None:
+    """Ready means warm: every model (and through it the shared backbone) runs a batch-1 and a max-batch
+    request of zeros (valid inputs) before ``/v2/health/ready`` turns 200."""
+    import numpy as np
+
+    for model in models:
+        for batch in sorted({1, model.max_batch}):
+            if stop.is_set():
+                return
+            if why := server.died():
+                raise ServeError(why)
+            arrays = {t["name"]: np.zeros((batch, *t["dims"]), np.float32 if t["datatype"] == "FP32" else np.int64)
+                      for t in model.io()["inputs"]}
+            answer = await front.infer(model, arrays)
+            if isinstance(answer, tuple):
+                raise ServeError(f"warm-up of model {model.name!r} (batch {batch}) failed: {answer[1]}")

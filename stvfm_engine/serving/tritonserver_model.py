@@ -12,8 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stvfm_engine.engine.graph import FEATURES_NAME, TOKENS_NAME
-from stvfm_engine.errors import InputError, first_line
-from stvfm_engine.serving.models import open_engine, open_runner
+from stvfm_engine.errors import InputError, ServeError, first_line
+from stvfm_engine.serving.models import open_engine, open_worker
 
 
 class TritonPythonModel:
@@ -25,10 +25,11 @@ class TritonPythonModel:
         if self.backbone_role:
             self.engine = open_engine(params, base=version_dir)
             return
-        self.runner = open_runner(params, base=version_dir)
+        self.worker = open_worker(params, base=version_dir)
         self.inputs = [t["name"] for t in config["input"]]
         if params.get("backbone_model"):
-            self.runner.engine.share_backbone(_bls(params["backbone_model"]))
+            timeout_us = int(params.get("backbone_timeout_us") or 0)
+            self.worker.session.share_backbone(_bls(params["backbone_model"], timeout_us))
 
     def execute(self, requests):
         if self.backbone_role:
@@ -36,9 +37,12 @@ class TritonPythonModel:
         # (x, tod, dow) per request; a model without time inputs has x only
         arrays = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
         responses = []
-        for result in self.runner.run([tuple(a) + (None,) * (3 - len(a)) for a in arrays]):
+        for result in self.worker.answer([(None, *a, *(None,) * (3 - len(a))) for a in arrays]):
             if isinstance(result, InputError):
                 error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+            elif isinstance(result, ServeError):  # the shared backbone's worker is down: UNAVAILABLE (503)
+                error = pb_utils.TritonError(str(result), pb_utils.TritonError.UNAVAILABLE)
                 responses.append(pb_utils.InferenceResponse(error=error))
             elif isinstance(result, Exception):
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
@@ -47,14 +51,18 @@ class TritonPythonModel:
         return responses
 
 
-def _bls(model_name):
-    """The backbone pass of a model's worker: a BLS request to the shared backbone model."""
+def _bls(model_name, timeout_us=0):
+    """The backbone pass of a model's worker: a BLS request to the shared backbone model, given up (an
+    error for the requests of this batch) after ``timeout_us`` (0: no limit)."""
+    extra = {"timeout": timeout_us} if timeout_us else {}
+
     def backbone(tokens: np.ndarray) -> np.ndarray:
         request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=[FEATURES_NAME],
-                                            inputs=[pb_utils.Tensor(TOKENS_NAME, np.ascontiguousarray(tokens))])
+                                            inputs=[pb_utils.Tensor(TOKENS_NAME, np.ascontiguousarray(tokens))],
+                                            **extra)
         response = request.exec()
         if response.has_error():
-            raise RuntimeError(f"shared backbone {model_name}: {response.error().message()}")
+            raise ServeError(f"shared backbone {model_name} unavailable: {response.error().message()}")
         # a copy: the array may live in the response's shared memory, freed with the response
         return np.array(pb_utils.get_output_tensor_by_name(response, FEATURES_NAME).as_numpy(), copy=True)
     return backbone

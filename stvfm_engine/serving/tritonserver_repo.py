@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from stvfm_engine.engine import Engine
 from stvfm_engine.engine.graph import FEATURES_NAME, TOKENS_NAME
-from stvfm_engine.engine.manifest import MANIFEST_NAME
+from stvfm_engine.engine.manifest import MANIFEST_NAME, artifact_files
 from stvfm_engine.engine.registry import BACKENDS
 from stvfm_engine.errors import ServeError
 from stvfm_engine.export.atomic_dir import atomic_directory
@@ -18,7 +19,7 @@ from stvfm_engine.serving.models import ServedModel, models_of
 CONFIG_NAME = "config.pbtxt"
 VERSION = "1"
 PYTHON = "python"  # the Python-backend platform: runs stvfm_engine.Engine inside Triton
-MODEL_PY = Path(__file__).with_name("triton_model.py")
+MODEL_PY = Path(__file__).with_name("tritonserver_model.py")
 
 
 def platforms() -> tuple[str, ...]:
@@ -35,10 +36,21 @@ def _pb():
     return model_config_pb2, text_format
 
 
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Admission of a served model's dynamic batcher: at most ``max_queue`` requests waiting (beyond it
+    Triton refuses at once with UNAVAILABLE), each refused once queued longer than ``timeout_us``."""
+
+    max_queue: int
+    timeout_us: int
+
+
 def model_config(model: ServedModel, platform: str, parameters: Optional[dict[str, str]] = None,
-                 max_queue_delay_us: int = 2000, instances: int = 1, gpu: bool = False):
+                 max_queue_delay_us: int = 2000, instances: int = 1, gpu: bool = False,
+                 queue: Optional[QueuePolicy] = None):
     """The ``ModelConfig`` protobuf of ``model``: I/O dims without the batch axis, ``max_batch_size`` =
-    the engine's max batch, Triton's dynamic batcher, ``instances`` instances on the CPU (or GPU)."""
+    the engine's max batch, Triton's dynamic batcher (with ``queue``'s ``default_queue_policy``),
+    ``instances`` instances on the CPU (or GPU)."""
     pb, _ = _pb()
     cfg = pb.ModelConfig(name=model.name, max_batch_size=model.max_batch)
     if platform == PYTHON:
@@ -50,6 +62,11 @@ def model_config(model: ServedModel, platform: str, parameters: Optional[dict[st
         for t in io[side]:
             field.add(name=t["name"], data_type=pb.DataType.Value(f"TYPE_{t['datatype']}"), dims=t["dims"])
     cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    if queue is not None:
+        policy = cfg.dynamic_batching.default_queue_policy
+        policy.max_queue_size = queue.max_queue
+        policy.default_timeout_microseconds = queue.timeout_us
+        policy.timeout_action = pb.ModelQueuePolicy.REJECT
     kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
     cfg.instance_group.add(count=instances, kind=kind)
     for key, value in (parameters or {}).items():
@@ -75,17 +92,24 @@ def _write_config(model_dir: Path, cfg) -> None:
 
 
 def write_serving_repository(models: Sequence[ServedModel], root: Path, max_queue_delay_us: int,
-                             instances: int = 1) -> Path:
-    """Python-backend models in ``root`` that open the engine directories where they are (no copies).
+                             instances: int = 1, queues: Optional[dict[str, QueuePolicy]] = None) -> Path:
+    """Python-backend models in ``root`` that open the engine directories where they are (no copies),
+    each admitting requests by ``queues[name]``.
 
     The models of a multi-model directory share one backbone model (:func:`backbone_models`): each of
-    them runs its own parts and sends its backbone pass there as a BLS request."""
+    them runs its own parts and sends its backbone pass there as a BLS request, which gives up after
+    the model's queue timeout (``backbone_timeout_us``)."""
     shared = backbone_models(models)
+    queues = queues or {}
     for model in models:
         params = model.load_parameters()
+        queue = queues.get(model.name)
         if model.directory in shared:
             params["backbone_model"] = shared[model.directory]
-        _write_python_model(root / model.name, model_config(model, PYTHON, params, max_queue_delay_us, instances))
+            if queue is not None:
+                params["backbone_timeout_us"] = str(queue.timeout_us)
+        _write_python_model(root / model.name, model_config(model, PYTHON, params, max_queue_delay_us, instances,
+                                                            queue=queue))
     for directory, name in shared.items():
         first = next(m for m in models if m.directory == directory)
         _write_python_model(root / name, backbone_config(name, first, max_queue_delay_us))
@@ -117,6 +141,7 @@ def backbone_config(name: str, model: ServedModel, max_queue_delay_us: int):
     cfg.input.add(name=TOKENS_NAME, data_type=pb.DataType.Value("TYPE_FP32"), dims=[-1, -1])
     cfg.output.add(name=FEATURES_NAME, data_type=pb.DataType.Value("TYPE_FP32"), dims=[-1, -1])
     cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    cfg.dynamic_batching.default_queue_policy.allow_timeout_override = True  # each BLS request's own timeout
     cfg.instance_group.add(count=1, kind=pb.ModelInstanceGroup.KIND_CPU)
     params = {k: v for k, v in model.load_parameters().items() if k != "model_key"}
     for key, value in {**params, "role": "backbone"}.items():
@@ -157,7 +182,7 @@ def export_repository(directory: str | os.PathLike, repo: str | os.PathLike, pla
         if len(models) > 1:
             raise ServeError(f"{engine.directory} holds several models; --platform {platform} exports one model's "
                              "artifact: use --platform python")
-        files = [f for f in engine.manifest["files"] if f == entry["file"] or f.startswith(entry["file"] + ".")]
+        files = artifact_files(engine.manifest["files"], [entry["file"]])
         gpu = "cpu" not in BACKENDS[platform].devices or entry["device"].startswith("cuda")
     out = []
     for model in models:

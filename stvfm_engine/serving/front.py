@@ -1,0 +1,251 @@
+"""The public HTTP port of ``serve`` (Triton): the v2 core HTTP API answered by the project's strict
+decoder (:mod:`stvfm_engine.serving.oip`) on uvicorn, each infer request forwarded to ``tritonserver``
+over loopback gRPC with binary tensors. ``tritonserver``'s own HTTP endpoint is off, so its JSON parser
+never sees a request; its other HTTP extensions (statistics, repository, shared memory, trace, logging)
+are not served at all.
+
+Served: ``GET /v2/health/live``, ``/v2/health/ready`` (200 once every model is warm, 503 while
+draining or when ``tritonserver`` is not ready), ``/v2`` (server metadata), ``/v2/models/{name}``
+(model metadata), ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer`` (JSON or binary tensors);
+``/versions/1`` may follow a model name. Refusals are ``{"error": "..."}`` with 400 (not a valid request),
+404, 405, 413 (over ``--max-request-mb``, answered from ``Content-Length`` before the body is read, or
+as soon as a streamed body passes it), 503 (queue full, not ready, draining, too many requests in
+progress, or the bodies being read at once over their memory budget: with ``Connection: close``)
+or 504 (past ``--request-timeout-ms``); 500 only for an inference that failed in the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from stvfm_engine import __version__
+from stvfm_engine.errors import ProtocolError, ServeError
+from stvfm_engine.serving.models import ServedModel
+from stvfm_engine.serving.oip import (
+    DATATYPES,
+    DTYPES,
+    HEADER_LENGTH,
+    asgi_chunks,
+    check_content_length,
+    decode_request,
+    encode_response,
+    error_body,
+    http_status,
+    model_metadata,
+    read_body,
+)
+
+PLATFORM = "stvfm-engine"
+GRPC_GRACE_S = 5.0  # the gRPC deadline of a forwarded request beyond --request-timeout-ms (Triton's own comes first)
+_MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?")
+_REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may take: ``max_request_bytes`` of body, ``request_timeout_s`` from arrival to
+    answer, and a place among ``max_queue`` queued requests per model (named in refusals)."""
+
+    max_request_bytes: int
+    request_timeout_s: float
+    max_queue: dict[str, int]
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests in progress in the front at once (reading, queued in Triton, running): every queue full
+        twice over, and 64 to spare; beyond it a request is refused at once with 503."""
+        return 2 * sum(self.max_queue.values()) + 64
+
+    @property
+    def body_budget_bytes(self) -> int:
+        """Request bodies read at once, in all: four of the largest, at least 256 MiB."""
+        return max(4 * self.max_request_bytes, 2 ** 28)
+
+
+def grpc_stub(target: str, max_message_bytes: int):
+    """An async channel and Triton's gRPC inference service stub on it (messages up to the request limit)."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    size = max_message_bytes + 2 ** 20
+    channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", size),
+                                                         ("grpc.max_receive_message_length", size)])
+    return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+class Front:
+    """The ASGI application; ``tritonserver``'s gRPC endpoint at ``target``.
+
+    ``warm`` is set once every model has run (``serve`` warms them first), ``draining`` on SIGTERM/SIGINT;
+    ``in_flight`` counts the requests accepted and not yet answered (:meth:`wait_answered`)."""
+
+    def __init__(self, models: Sequence[ServedModel], target: str, limits: Limits):
+        self.models = {m.name: m for m in models}
+        self.metadata = {m.name: json.dumps(model_metadata(m, PLATFORM)).encode() for m in models}
+        self.target = target
+        self.limits = limits
+        self.warm = False
+        self.draining = False
+        self.in_flight = 0
+        self.body_bytes = 0  # reserved by the requests whose bodies are being read
+        self._answered: Optional[asyncio.Event] = None
+        self.channel, self.stub = None, None
+
+    async def connect(self) -> None:
+        self.channel, self.stub = grpc_stub(self.target, self.limits.max_request_bytes)
+        self._answered = asyncio.Event()
+        self._answered.set()
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def triton_ready(self) -> bool:
+        import grpc
+        from tritonclient.grpc import service_pb2
+
+        try:
+            return (await self.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2)).ready
+        except grpc.aio.AioRpcError:
+            return False
+
+    async def infer(self, model: ServedModel, arrays: dict[str, np.ndarray]):
+        """``{output name: array}`` from ``tritonserver``, or ``(status, message)`` when it refuses."""
+        import grpc
+        from tritonclient.grpc import service_pb2
+
+        request = service_pb2.ModelInferRequest(model_name=model.name)
+        for name, array in arrays.items():
+            request.inputs.add(name=name, datatype=DATATYPES[array.dtype], shape=array.shape)
+            request.raw_input_contents.append(array.tobytes())
+        try:
+            response = await self.stub.ModelInfer(request, timeout=self.limits.request_timeout_s + GRPC_GRACE_S)
+        except grpc.aio.AioRpcError as e:
+            return self._refusal(model, e)
+        return {t.name: np.frombuffer(raw, DTYPES[t.datatype]).reshape(t.shape)
+                for t, raw in zip(response.outputs, response.raw_output_contents)}
+
+    def _refusal(self, model: ServedModel, e) -> tuple[int, str]:
+        import grpc
+
+        code, message = e.code(), _REQUEST_ID.sub("", e.details() or "")
+        if "maximum queue size" in message:
+            return 503, (f"model {model.name!r}: queue full ({self.limits.max_queue[model.name]} requests waiting, "
+                         "--max-queue); retry later")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE
+                                                         and "timeout" in message.lower()):
+            return 504, (f"model {model.name!r}: not answered within {self.limits.request_timeout_s * 1000:.0f} ms "
+                         "(--request-timeout-ms)")
+        status = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+                  grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.CANCELLED: 503,
+                  grpc.StatusCode.RESOURCE_EXHAUSTED: 503}.get(code, 500)
+        if status == 503:
+            message = f"model {model.name!r} is not available: {message}"
+        return status, message.split(" NOTE: ")[0]
+
+    async def wait_answered(self, timeout_s: float) -> int:
+        """Wait until every accepted request is answered, at most ``timeout_s``; returns how many are not."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), timeout_s)
+        return self.in_flight
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off; websockets are not served
+        self.in_flight += 1
+        self._answered.clear()
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._answered.set()
+
+    async def _handle(self, scope, receive, send) -> None:
+        path, method = scope["path"].rstrip("/"), scope["method"]
+        if self.draining:
+            return await _send(send, 503, error_body("the server is shutting down"), close=True)
+        if self.in_flight > self.limits.max_in_flight:  # counts this one
+            return await _send(send, 503, error_body(f"busy: {self.in_flight - 1} requests in progress; retry later"),
+                                close=True)
+        if path == "/v2/health/live":
+            return await _send(send, 200, b"")
+        if path == "/v2/health/ready":
+            ready = self.warm and await self.triton_ready()
+            return await _send(send, 200 if ready else 503, b"" if ready else error_body("not ready"))
+        if path == "/v2":
+            return await _send(send, 200, json.dumps({"name": PLATFORM, "version": __version__,
+                                                      "extensions": ["binary_tensor_data"]}).encode())
+        match = _MODEL_PATH.fullmatch(path)
+        if not match:
+            return await _send(send, 404, error_body(f"no endpoint {path[:100]}"))
+        name, action = match.groups()
+        model = self.models.get(name)
+        if model is None:
+            return await _send(send, 404, error_body(f"unknown model {name[:100]!r}; served: {sorted(self.models)}"))
+        if action is None:
+            return await _send(send, 200, self.metadata[name])
+        if action == "/ready":
+            ready = self.warm and await self.triton_ready()
+            return await _send(send, 200 if ready else 503, b"" if ready else error_body(f"{name} is not ready"))
+        if method != "POST":
+            return await _send(send, 405, error_body("infer takes POST"))
+        headers = dict((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
+        try:
+            size = check_content_length(headers.get("content-length"), self.limits.max_request_bytes)
+        except ProtocolError as e:
+            return await _send(send, http_status(e), error_body(str(e)))
+        # memory stays flat under overload: the bodies being read at once share a budget
+        reserved = self.limits.max_request_bytes if size is None else size
+        if self.body_bytes + reserved > self.limits.body_budget_bytes:
+            return await _send(send, 503, error_body(f"busy: {self.body_bytes} bytes of request bodies are being "
+                                                     "read; retry later"), close=True)
+        self.body_bytes += reserved
+        try:
+            body = await read_body(asgi_chunks(receive), headers.get("content-length"), self.limits.max_request_bytes)
+            arrays, binary = decode_request(model, body, headers.get(HEADER_LENGTH))
+        except ProtocolError as e:
+            return await _send(send, http_status(e), error_body(str(e)))
+        finally:
+            self.body_bytes -= reserved
+        outputs = await self.infer(model, arrays)
+        if isinstance(outputs, tuple):
+            status, message = outputs
+            return await _send(send, status, error_body(message), close=status == 503)
+        body, extra = encode_response(model, outputs, binary)
+        await _send(send, 200, body, extra)
+
+
+async def _send(send, status: int, body: bytes, headers: Optional[dict[str, str]] = None, close: bool = False) -> None:
+    head = [(b"content-length", str(len(body)).encode())]
+    head += [(k.encode(), v.encode()) for k, v in (headers or {"content-type": "application/json"}).items()]
+    if close:
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+def http_server(app, listener: socket.socket):
+    """A uvicorn server of ``app`` on the bound ``listener`` that leaves SIGTERM/SIGINT to its caller (who
+    drains first). No ``limit_concurrency``: uvicorn counts open connections against it, so a burst of
+    connections would be refused whole; :class:`Front` bounds the requests in progress instead."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ServeError("serve needs uvicorn for its HTTP front: pip install 'stvfm-engine[serve]'") from None
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # serve drains on SIGTERM/SIGINT, then sets should_exit
+            yield
+
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, server_header=False,
+                            timeout_graceful_shutdown=2, timeout_keep_alive=5)
+    return Server(config)
