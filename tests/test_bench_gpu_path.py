@@ -1,40 +1,21 @@
-"""The bench side of the GPU path: bench/gpu_check's refusal without CUDA, the ``compile`` baseline's
-plumbing, and the Triton stage breakdown (CUDA events on a GPU, the profiler in the interpreter)."""
+"""The bench side of the GPU path: the ``compile`` baseline's plumbing and the Triton stage breakdown (CUDA
+events on a GPU, the profiler in the interpreter). The GPU check itself: tests/test_gpu_check.py."""
 from __future__ import annotations
-
-import os
-import subprocess
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import rel_err, write_checkpoint
+from helpers import CONFIGS, rel_err, write_checkpoint
 from stvfm_engine.bench.roofline import STAGES
 from stvfm_engine.bench.runner import make_inputs, open_variant
 from stvfm_engine.bench.stages import triton_stage_runner
 from stvfm_engine.engine import Engine
-from stvfm_engine.engine.runtime import BackendError
-from stvfm_engine.engine.triton_backend import load_triton_backend
-from stvfm_engine.errors import STVFMError
-from stvfm_engine.model.config import STVFMConfig
+from stvfm_engine.engine.backends.triton import load_triton_backend
+from stvfm_engine.errors import BackendError, STVFMError
 from stvfm_engine.model.stvfm import build_model
 
-GPU_CHECK = Path(__file__).resolve().parents[1] / "bench" / "gpu_check"
-SMALL = STVFMConfig(backbone="vit_tiny_patch16_224", backbone_layers=1, history=4, horizon=2, channels=2, height=6,
-                    width=6, patch=2, adapter_dim=16, prompts=3, steps_per_day=10)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: gpu_check would run in full")
-def test_gpu_check_exits_2_without_cuda():
-    assert os.access(GPU_CHECK, os.X_OK), "bench/gpu_check must be executable"
-    started = time.perf_counter()
-    out = subprocess.run([str(GPU_CHECK)], capture_output=True, text=True, timeout=10)
-    assert time.perf_counter() - started < 10
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stdout.startswith("no CUDA device: ") and out.stdout.count("\n") == 1, out.stdout
+SMALL = CONFIGS["vit-tiny-c2-6x6-p2-T4-H2-day10"]
 
 
 def test_compile_baseline_opens_through_the_registry(tmp_path, monkeypatch):
