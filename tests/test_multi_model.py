@@ -283,6 +283,30 @@ def test_rebuild_after_retraining_one_model_hits_the_cache_and_corrupt_entries_a
 
 
 # ----------------------------------------------------------------------------- CLI
+def test_precision_auto_on_a_multi_model_build_and_flags_that_do_not_apply(world, tmp_path, capsys):
+    """build a.pt b.pt --precision auto: every built backend that serves many models is timed and the fastest
+    is the default Engine.load opens; build flags that a kind of build cannot honour are one-line refusals."""
+    ck = world["ckpts"]
+    out = tmp_path / "auto.engine"
+    assert main(["build", str(ck["bike"]), str(ck["taxi"]), "-o", str(out), "--precision", "auto", "--threads", "1",
+                 "--max-batch", str(MAX_BATCH), "--cache-dir", str(world["cache"]), "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m = read_manifest(out)
+    assert report["default"] == m["default"] and m["default"]["precision"] == "fp32"
+    assert m["default"]["backend"] in m["backends"] and m["auto"]["threads"] == 1
+    assert {r["backend"] for r in m["auto"]["candidates"]} == set(m["backends"])
+    assert all(r["p50_ms"] > 0 for r in m["auto"]["candidates"])
+    engine = Engine.load(out)
+    assert engine.backend == m["default"]["backend"]
+    x, tod, dow = inputs_for(world, "bike", 2, np.random.default_rng(4))
+    assert rel_err(engine.predict(x, tod, dow, model="bike"), reference_output(world["refs"]["bike"], x, tod, dow)) <= TOL
+    for argv, expected in (([str(ck["bike"]), str(ck["taxi"]), "--max-mae-loss", "0.02"], "give --calib-data"),
+                           ([str(ck["bike"]), "--no-cache"], "the build cache serves multi-model builds")):
+        assert main(["build", *argv, "-o", str(tmp_path / "x.engine")]) == 2
+        assert expected in one_error_line(capsys.readouterr().err, "build")
+    assert not (tmp_path / "x.engine").exists()
+
+
 def test_cli_init_build_run_inspect_bench(world, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     ck = world["ckpts"]

@@ -61,6 +61,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                    for b, e in manifest["backends"].items()},
                       "models": {n: {b: {"max_rel_err": e["parity"]["max_rel_err"], "cache": e["cache"]}
                                      for b, e in m["backends"].items()} for n, m in manifest["models"].items()},
+                      **{k: manifest[k] for k in ("default", "auto") if k in manifest},
                       "build_seconds": manifest["build_seconds"]}))
     return 0
 
