@@ -143,7 +143,9 @@ class Front:
                                                          and "timeout" in message.lower()):
             return 504, (f"model {model.name!r}: not answered within {self.limits.request_timeout_s * 1000:.0f} ms "
                          "(--request-timeout-ms)")
-        status = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+        # NOT_FOUND: the front forwards only models it serves, so tritonserver no longer has this one loaded
+        # (it unloads models in its shutdown, or a model's stub died): unavailable, not an unknown model
+        status = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 503,
                   grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.CANCELLED: 503,
                   grpc.StatusCode.RESOURCE_EXHAUSTED: 503}.get(code, 500)
         if status == 503:
