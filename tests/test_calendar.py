@@ -131,3 +131,15 @@ def test_init_records_the_calendar_and_train_options_go_together(tmp_path, capsy
     assert main(["init", "--backbone-layers", "1", "--start", "2026-01-05T00:00:00-05:00", "--zone", "Nowhere/Town",
                  "-o", str(out)]) == 2
     assert "unknown IANA zone 'Nowhere/Town'" in capsys.readouterr().err
+
+
+def test_the_older_start_dow_flag_keeps_working(tmp_path, capsys):
+    from stvfm_engine.model.checkpoint import load_model
+
+    assert main(["init", "--preset", "tiny", "--backbone-layers", "1", "--start-dow", "4", "-o", str(tmp_path / "a.pt")]) == 0
+    config = load_model(tmp_path / "a.pt").config
+    assert config.calendar == calendar_from_start_dow(4) and config.start_dow == 4
+    capsys.readouterr()
+    assert main(["init", "--preset", "tiny", "--start-dow", "4", "--zone", "UTC", "-o", str(tmp_path / "b.pt")]) == 2
+    assert "--start-dow is the older form of --start/--zone" in capsys.readouterr().err
+    assert not (tmp_path / "b.pt").exists()

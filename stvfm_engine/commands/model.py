@@ -50,6 +50,9 @@ def _calendar_options(p: argparse.ArgumentParser, default: str) -> None:
                                                    f"e.g. 2026-01-05T00:00:00-05:00 (with --zone; default: {default})")
     g.add_argument("--zone", metavar="IANA_NAME", help="zone the data's days are counted in, e.g. America/New_York "
                                                        "(with --start)")
+    g.add_argument("--start-dow", type=int, choices=range(7), metavar="D",
+                   help="the older form, kept working: day of week of the first step (0=Monday), the same as a UTC "
+                        "calendar from 00:00 of that day; prefer --start/--zone")
 
 
 def _calendar(args: argparse.Namespace) -> dict | None:
@@ -57,6 +60,13 @@ def _calendar(args: argparse.Namespace) -> dict | None:
     from stvfm_engine.errors import ConfigError
     from stvfm_engine.model.calendar import normalize_calendar
 
+    start_dow = getattr(args, "start_dow", None)
+    if start_dow is not None:
+        if args.start is not None or args.zone is not None:
+            raise ConfigError("--start-dow is the older form of --start/--zone: give one or the other")
+        from stvfm_engine.model.calendar import calendar_from_start_dow
+
+        return calendar_from_start_dow(start_dow)
     if args.start is None and args.zone is None:
         return None
     if args.start is None or args.zone is None:
