@@ -32,7 +32,7 @@ from stvfm_engine.engine.precision import get_precision
 from stvfm_engine.engine.reference import reference_models, reference_model
 from stvfm_engine.engine.registry import MultiOpenRequest, OpenRequest, get_backend, names
 from stvfm_engine.engine.resolve import Choice, normalize_device, resolve
-from stvfm_engine.engine.runtime import Runner, cuda_status, quiet_cuda_probes
+from stvfm_engine.engine.runtime import Runner, cuda_status, quiet_cuda_probes, rebuild_hint
 from stvfm_engine.errors import BackendError, InputError, STVFMError
 from stvfm_engine.model.config import STVFMConfig
 from stvfm_engine.model.stvfm import STVFM
@@ -94,7 +94,7 @@ def open_session(source: str | os.PathLike | Built, backend: Optional[str] = Non
     if verify:  # every file the manifest lists, whatever backend is asked for: a mixed-up DIR is refused whole
         verify_files(directory, manifest)
     if why := spec.version_problem(manifest):
-        raise BackendError(f"{directory}: {why}; rebuild it on this machine: stvfm-engine build CKPT -o {directory}")
+        raise BackendError(f"{directory}: {why}; {rebuild_hint(directory)}")
     if why := spec.why_not_run(choice.device):
         raise BackendError(f"backend {choice.backend} cannot run on {choice.device} here: {why}")
     entry = manifest["backends"].get(choice.backend) if spec.artifact else None
@@ -145,11 +145,6 @@ class Session:
         self._runner = runner
         self._count = threading.Lock()
         self._lock = None if thread_safe else threading.Lock()
-
-    @property
-    def multi(self) -> bool:
-        """Several models on one backbone (the backbone can run apart: :meth:`run_backbone`)."""
-        return isinstance(self._runner, Parts)
 
     def model_name(self, model: Optional[str] = None) -> str:
         """``model`` checked against the engine's models (None: the one model of a one-model engine)."""
