@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from stvfm_engine.commands.common import non_negative_float, port, positive_float, positive_int
+from stvfm_engine.commands.common import non_negative_float, non_negative_int, port, positive_float, positive_int
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _refuse_unhonoured(args)
     models = served_models(args.engines, args.name, backend=args.backend, threads=args.threads)
+    models += _stream_companions(args, models)
     if args.ray:
         from stvfm_engine.serving.ray_server import RayOptions, serve_ray
 
@@ -56,6 +57,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                               metrics_port=args.metrics_port or 8002, instances=args.instances or 1,
                                               ready_timeout_s=args.ready_timeout, verbose=bool(args.verbose),
                                               **_delay(args), **_admission(args)))
+
+
+def _stream_companions(args: argparse.Namespace, models: list) -> list:
+    """The ``M_stream`` companions that ``--state-dir`` / ``--stream-store`` ask for (none without either)."""
+    from pathlib import Path
+
+    from stvfm_engine.errors import ServeError
+    from stvfm_engine.serving.lifecycle import log
+    from stvfm_engine.serving.models import StreamOptions, stream_companions
+
+    stream_flags = [f for f, v in (("--stream-gaps", args.stream_gaps), ("--stream-max-gap", args.stream_max_gap),
+                                   ("--stream-interval", args.stream_interval)) if v is not None]
+    if args.state_dir is None and args.stream_store is None:
+        if stream_flags:
+            raise ServeError(f"{', '.join(stream_flags)}: set how forecast streams are served; give --state-dir DIR "
+                             "or --stream-store URL to serve them")
+        return []
+    if args.state_dir is not None and args.stream_store is not None:
+        raise ServeError("--state-dir and --stream-store both name the stream store; give one")
+    if args.state_dir is not None:
+        state = Path(args.state_dir)
+        if not state.is_dir():
+            raise ServeError(f"--state-dir {args.state_dir}: not an existing directory (create it first)")
+        store = str((state / STREAM_DB).absolute())
+    else:
+        store = args.stream_store
+        if not store.startswith(("postgresql://", "postgres://")):
+            raise ServeError(f"--stream-store: expected a postgresql:// URL (a SQLite file: --state-dir DIR), "
+                             f"got {store[:60]!r}")
+    options = StreamOptions(store, args.stream_gaps or "refuse", 2 if args.stream_max_gap is None else args.stream_max_gap,
+                            args.stream_interval)
+    companions, notes = stream_companions(models, options)
+    for note in notes:
+        log(note)
+    if not companions:
+        raise ServeError("no served model can keep forecast streams: " + "; ".join(notes))
+    return companions
+
+
+STREAM_DB = "streams.db"  # the SQLite file of --state-dir
 
 
 def _delay(args: argparse.Namespace) -> dict:
@@ -126,6 +167,20 @@ def register(sub) -> None:
     p.add_argument("--ready-timeout", type=non_negative_float, default=300.0, metavar="S",
                    help="give up if the server is not ready after S seconds (default 300)")
     p.add_argument("--verbose", action="store_true", default=None, help="show Triton's info log too")
+    st = p.add_argument_group(
+        "forecast streams", "each served model M gets a companion M_stream that keeps per-stream windows: a request "
+        "pushes one frame [1, C, H, W] of stream NAME at an ISO-8601 time and/or asks a forecast (outputs y, time, "
+        "held); tod/dow come from the model's calendar (init/train --start --zone)")
+    st.add_argument("--state-dir", metavar="DIR",
+                    help=f"keep the streams in DIR/{STREAM_DB} (SQLite, WAL; DIR must exist); restarting keeps them")
+    st.add_argument("--stream-store", metavar="URL",
+                    help="keep the streams in PostgreSQL (postgresql://...; for Ray across machines)")
+    st.add_argument("--stream-gaps", choices=("refuse", "hold", "linear"),
+                    help="missing frames in a window: refused naming them (default), last value held, or linear")
+    st.add_argument("--stream-max-gap", type=non_negative_int, metavar="N",
+                    help="most consecutive missing frames that hold/linear fill (default 2)")
+    st.add_argument("--stream-interval", type=positive_float, metavar="S",
+                    help="seconds per step of a model without time inputs (steps_per_day 0)")
     ray = p.add_argument_group("Ray Serve (extra [ray])")
     ray.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of Triton")
     ray.add_argument("--ray-address", metavar="ADDR",

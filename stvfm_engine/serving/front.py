@@ -35,11 +35,13 @@ from stvfm_engine.serving.oip import (
     asgi_chunks,
     check_content_length,
     decode_request,
+    deserialize_bytes,
     encode_response,
     error_body,
     http_status,
     model_metadata,
     read_body,
+    serialize_bytes,
 )
 
 PLATFORM = "stvfm-engine"
@@ -124,12 +126,13 @@ class Front:
         request = service_pb2.ModelInferRequest(model_name=model.name)
         for name, array in arrays.items():
             request.inputs.add(name=name, datatype=DATATYPES[array.dtype], shape=array.shape)
-            request.raw_input_contents.append(array.tobytes())
+            request.raw_input_contents.append(serialize_bytes(array) if array.dtype == object else array.tobytes())
         try:
             response = await self.stub.ModelInfer(request, timeout=self.limits.request_timeout_s + GRPC_GRACE_S)
         except grpc.aio.AioRpcError as e:
             return self._refusal(model, e)
-        return {t.name: np.frombuffer(raw, DTYPES[t.datatype]).reshape(t.shape)
+        return {t.name: deserialize_bytes(raw, t.shape) if t.datatype == "BYTES" else
+                np.frombuffer(raw, DTYPES[t.datatype]).reshape(t.shape)
                 for t, raw in zip(response.outputs, response.raw_output_contents)}
 
     def _refusal(self, model: ServedModel, e) -> tuple[int, str]:

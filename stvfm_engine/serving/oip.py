@@ -25,14 +25,17 @@ Python's recursion limit: 400; parsed by orjson, or by json where it could nest 
 (no repeats), the model's ``datatype``, a ``shape`` of non-negative JSON integers, and either ``data``
 (flat, or nested exactly as the shape) whose length is the shape's product, or
 ``parameters.binary_data_size`` (the shape's bytes exactly, the blobs filling the rest of the body
-exactly). Integer datatypes take JSON integers only (not floats, bools or strings), within range;
-float datatypes take JSON numbers (not bools, strings or null); BOOL takes JSON true/false.
+exactly; a BYTES blob holds exactly the shape's elements, each a 4-byte little-endian length and its
+bytes). Integer datatypes take JSON integers only (not floats, bools or strings), within range;
+float datatypes take JSON numbers (not bools, strings or null); BOOL takes JSON true/false; BYTES takes
+JSON strings (each element as its UTF-8 bytes). Inputs the model marks ``optional`` may be left out.
 """
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+import struct
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 import orjson
@@ -43,12 +46,12 @@ from stvfm_engine.serving.models import ServedModel
 HEADER_LENGTH = "inference-header-content-length"
 DTYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
           "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-          "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
-DATATYPES = {np.dtype(v): k for k, v in DTYPES.items()}
+          "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_}
+DATATYPES = {np.dtype(v): k for k, v in DTYPES.items()}  # an object array (of bytes) is BYTES
 FAST_BRACKETS = 512  # a body with at most this many '[' and '{' is parsed by orjson (flat tensor data is)
 # the Python types that json.loads gives for each kind of datatype (bool is not an int here)
 _JSON_TYPES = {"b": ({bool}, "JSON true/false"), "i": ({int}, "JSON integers"), "u": ({int}, "JSON integers"),
-               "f": ({int, float}, "JSON numbers")}
+               "f": ({int, float}, "JSON numbers"), "O": ({str}, "JSON strings")}
 _JSON_NAMES = {bool: "a bool", int: "an integer", float: "a float", str: "a string", type(None): "null",
                list: "a list", dict: "an object"}
 
@@ -170,10 +173,47 @@ def _array(values: list, datatype: str, shape: list[int], where: str) -> np.ndar
     if not found <= allowed:
         bad = next(v for v in values if type(v) not in allowed)
         raise ProtocolError(f"{where}: expected {datatype} data as {what}, got {_kind(bad)} {json.dumps(bad)[:40]}")
+    if dtype.kind == "O":  # BYTES: each string as its UTF-8 bytes
+        out = np.empty(len(values), dtype=object)
+        out[:] = [v.encode("utf-8", "surrogatepass") for v in values]
+        return out.reshape(shape)
     try:
         return np.array(values, dtype=dtype).reshape(shape)
     except OverflowError:
         raise ProtocolError(f"{where}: a value is out of range for {datatype}") from None
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """A BYTES tensor as Triton sends it: each element (row-major) as a 4-byte little-endian length and its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in (_as_bytes(v) for v in array.ravel()))
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def _bytes_elements(blob: memoryview | bytes, shape: list[int], where: str) -> np.ndarray:
+    """A binary BYTES tensor (:func:`serialize_bytes`) of ``shape``: refused unless its elements fill it exactly."""
+    count, elements, offset, size = math.prod(shape), [], 0, len(blob)
+    while offset < size:
+        if offset + 4 > size or len(elements) == count:
+            break
+        n = struct.unpack_from("<I", blob, offset)[0]
+        if offset + 4 + n > size:
+            raise ProtocolError(f"{where}: BYTES element {len(elements)} claims {n} bytes, {size - offset - 4} are left")
+        elements.append(bytes(blob[offset + 4:offset + 4 + n]))
+        offset += 4 + n
+    if len(elements) != count or offset != size:
+        raise ProtocolError(f"{where}: binary BYTES data holds {len(elements)} elements"
+                            f"{' and stray bytes' if offset != size else ''}; shape {shape} needs {count}")
+    out = np.empty(count, dtype=object)
+    out[:] = elements
+    return out.reshape(shape)
+
+
+def deserialize_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
+    """The inverse of :func:`serialize_bytes` for a tensor of ``shape`` (a server's own output: trusted)."""
+    return _bytes_elements(raw, list(shape), "output")
 
 
 def decode_request(model: ServedModel, body: bytes, header_length: Optional[str]) -> tuple[dict[str, np.ndarray], bool]:
@@ -217,21 +257,22 @@ def decode_request(model: ServedModel, body: bytes, header_length: Optional[str]
             raise ProtocolError(f"{where}: expected 'parameters' an object, got {_kind(parameters)}")
         if "binary_data_size" in parameters:
             nbytes = _field(parameters, "binary_data_size", (int,), "a non-negative integer", where)
-            need = math.prod(shape) * np.dtype(DTYPES[datatype]).itemsize
-            if nbytes != need:
+            if datatype != "BYTES" and nbytes != (need := math.prod(shape) * np.dtype(DTYPES[datatype]).itemsize):
                 raise ProtocolError(f"{where}: binary_data_size {nbytes} does not match shape {shape} "
                                     f"({need} bytes of {datatype})")
             if offset + nbytes > len(binary):
                 raise ProtocolError(f"{where}: binary_data_size {nbytes} runs past the end of the body "
                                     f"({len(binary) - offset} bytes left)")
-            arrays[name] = np.frombuffer(binary[offset:offset + nbytes], dtype=DTYPES[datatype]).reshape(shape)
+            blob = binary[offset:offset + nbytes]
+            arrays[name] = (_bytes_elements(blob, shape, where) if datatype == "BYTES"
+                            else np.frombuffer(blob, dtype=DTYPES[datatype]).reshape(shape))
             offset += nbytes
         else:
             data = _field(tensor, "data", (list,), "a list (or parameters.binary_data_size)", where)
             arrays[name] = _array(_flatten(data, shape, where), datatype, shape, where)
     if offset != len(binary):
         raise ProtocolError(f"body: {len(binary) - offset} bytes after the JSON header are not any input's binary data")
-    if missing := [name for name in expected if name not in arrays]:
+    if missing := [t["name"] for t in io["inputs"] if t["name"] not in arrays and not t.get("optional")]:
         raise ProtocolError(f"missing input(s) {missing} for model {model.name!r}")
     return arrays, _binary_output(request, {t["name"] for t in io["outputs"]})
 
@@ -265,9 +306,11 @@ def encode_response(model: ServedModel, outputs: dict[str, np.ndarray], binary: 
     for name, array in outputs.items():
         tensor = {"name": name, "datatype": DATATYPES[array.dtype], "shape": list(array.shape)}
         if binary:
-            blob = np.ascontiguousarray(array).tobytes()
+            blob = serialize_bytes(array) if array.dtype == object else np.ascontiguousarray(array).tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif array.dtype == object:
+            tensor["data"] = [_as_bytes(v).decode("utf-8", "replace") for v in array.ravel()]
         else:
             tensor["data"] = np.ascontiguousarray(array).ravel()
         tensors.append(tensor)

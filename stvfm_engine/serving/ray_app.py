@@ -20,14 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from stvfm_engine.errors import InputError, ProtocolError, ServeError
-from stvfm_engine.serving.models import ServedModel, Worker, open_engine
+from stvfm_engine.errors import InputError, ProtocolError, ServeError, StoreError, STVFMError
+from stvfm_engine.serving.models import ServedModel, StreamWorker, Worker, open_engine
 from stvfm_engine.serving.oip import (HEADER_LENGTH, decode_request, encode_response, error_body, http_status,
                                       model_metadata, read_body)
 from stvfm_engine.version import __version__
@@ -56,10 +55,12 @@ class Collector:
     Only gathers: ``run(items) -> results`` (:meth:`Worker.run`) orders, splits and pads. ``delay_s`` > 0
     holds a run that is not full that long for more requests (trading latency for batch size)."""
 
-    def __init__(self, run: Callable[[list], list], max_samples: int, size: Callable[[Any], int], delay_s: float = 0.0):
+    def __init__(self, run: Callable[[list], list], max_samples: int, size: Callable[[Any], int], delay_s: float = 0.0,
+                 executor: Optional[ThreadPoolExecutor] = None):
         self._run, self._max, self._size, self._delay = run, max_samples, size, delay_s
         self._pending: collections.deque = collections.deque()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="stvfm-model")
+        # the model's one thread (collectors of one replica share it: one engine call at a time)
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="stvfm-model")
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self.runs = 0
@@ -141,14 +142,11 @@ def _error(status: int, message: str, close: bool = False) -> Response:
     return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
-def _zeros(model: ServedModel, batch: int) -> dict[str, np.ndarray]:
-    return {t["name"]: np.zeros((batch, *t["dims"]), np.float32 if t["datatype"] == "FP32" else np.int64)
-            for t in model.io()["inputs"]}
-
-
 class ModelIngress:
-    """One replica of one engine directory, and the HTTP ingress of its models: metadata, readiness and
-    infer. Warm before Ray counts it as started: every model runs a batch of 1 and of max batch."""
+    """One replica of one engine directory, and the HTTP ingress of its models (and of their ``M_stream``
+    companions, whose requests a second collector gathers for :meth:`StreamWorker.run` on the same model
+    thread): metadata, readiness and infer. Warm before Ray counts it as started: every model runs a batch
+    of 1 and of max batch."""
 
     def __init__(self, models: Sequence[ServedModel], params: dict[str, str], settings: Settings):
         self.models = {m.name: m for m in models}
@@ -156,13 +154,14 @@ class ModelIngress:
         self.settings = settings
         self.worker = Worker(open_engine(params), params.get("model_key") or None)
         max_batch = self.worker.session.max_batch
-        for m in models:
-            for batch in (1, max_batch):
-                arrays = _zeros(m, batch)
-                self.worker.run([self.worker.check(m.key, arrays["x"], arrays.get("tod"), arrays.get("dow"))])
-        self.worker.counts = {name: [0, 0] for name in self.worker.counts}  # the warm-up is not served work
+        self.worker.warm_up(list(dict.fromkeys(m.key for m in models)))
+        thread = ThreadPoolExecutor(1, thread_name_prefix="stvfm-model")
         self.collector = Collector(self.worker.run, max_batch * len(self.worker.session.models),
-                                   lambda r: r.batch, settings.max_queue_delay_s)
+                                   lambda r: r.batch, settings.max_queue_delay_s, thread)
+        streams = next((m.streams for m in models if m.streams is not None), None)
+        self.streams = StreamWorker(self.worker, streams) if streams is not None else None
+        self.stream_collector = Collector(self.streams.run, max_batch * len(self.worker.session.models),
+                                          lambda item: 1, settings.max_queue_delay_s, thread) if streams else None
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.control = ray.get_actor(settings.control, namespace=NAMESPACE)
         self.inflight = 0
@@ -173,10 +172,10 @@ class ModelIngress:
     async def _poll(self) -> None:
         while True:
             try:
-                names = {m: self.worker.session.model_name(k) for m, k in self.keys.items()}
+                counts = {m: list((self.streams.counts if self.models[m].streams else self.worker.counts)
+                                  [self.worker.session.model_name(k)]) for m, k in self.keys.items()}
                 self.draining = await self.control.report.remote(self.replica, {
-                    "inflight": self.inflight, "refused": self.refused,
-                    "counts": {m: list(self.worker.counts[n]) for m, n in names.items()}}) or self.draining
+                    "inflight": self.inflight, "refused": self.refused, "counts": counts}) or self.draining
             except Exception:  # noqa: BLE001 - the serve command went away; Ray stops this replica next
                 pass
             await asyncio.sleep(POLL_S)
@@ -211,19 +210,26 @@ class ModelIngress:
             body = await read_body(request.stream(), request.headers.get("content-length"),
                                    self.settings.max_request_bytes)
             arrays, binary = decode_request(model, body, request.headers.get(HEADER_LENGTH))
-            checked = self.worker.check(model.key, arrays["x"], arrays.get("tod"), arrays.get("dow"))
+            if model.streams is not None:
+                checked, collector = self.streams.item(model.key, arrays), self.stream_collector
+                if isinstance(checked, Exception):
+                    raise checked
+            else:
+                checked = self.worker.check(model.key, arrays["x"], arrays.get("tod"), arrays.get("dow"))
+                collector = self.collector
         except ProtocolError as e:
             return _error(http_status(e), str(e))
         except InputError as e:
             return _error(400, str(e))
         try:
-            y = await self.collector.submit(checked, max(0.0, deadline - time.monotonic()))
+            y = await collector.submit(checked, max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             return _error(504, f"not answered within the request timeout of {self.settings.request_timeout_s * 1e3:g} ms "
                                "(--request-timeout-ms)")
-        if isinstance(y, Exception):
-            return _error(400 if isinstance(y, InputError) else 500, str(y))
-        body, headers = encode_response(model, {"y": y}, binary)
+        if isinstance(y, Exception):  # what the request sent: 400; a part of the server down: 503
+            status = 503 if isinstance(y, (ServeError, StoreError)) else 400 if isinstance(y, STVFMError) else 500
+            return _error(status, str(y), close=status == 503)
+        body, headers = encode_response(model, y if model.streams is not None else {"y": y}, binary)
         if self.draining:  # the client's next request opens a new connection: a 503, or refused once we are gone
             headers["connection"] = "close"
         return Response(body, headers=headers)
@@ -273,7 +279,9 @@ def _json(value: Any) -> bytes:
 
 def applications(models: Sequence[ServedModel], settings: Settings, replicas: int, max_queue: Optional[int],
                  request_timeout_s: float) -> list[tuple[str, str, Any]]:
-    """``(application name, route prefix, bound app)`` per engine directory, then the front at ``/``.
+    """``(application name, route prefix, bound app)`` per engine directory, then the front at ``/``. The
+    ``M_stream`` companions of a multi-model directory share its replica; that of a one-model directory is
+    an application of its own (route ``/v2/models/M_stream``, its own replica and engine).
     ``max_ongoing_requests`` is 2 x the replica's largest run, so a full run can wait while one runs;
     ``max_queue`` requests more wait in Ray's router (None: 8 x max batch per model)."""
     directories: dict[str, list[ServedModel]] = {}

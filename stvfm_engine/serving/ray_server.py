@@ -173,7 +173,14 @@ def _wait_ready(models: Sequence[ServedModel], options: RayOptions, names: Seque
 
 
 def _warm_request(base: str, model: ServedModel) -> bool:
-    """One batch-1 request of zeros through the proxy (the route is known and the path warm)."""
+    """One batch-1 request of zeros through the proxy (the route is known and the path warm); an ``M_stream``
+    companion (its replica warmed its engine; no stream exists to ask) answers its ``/ready``."""
+    if model.streams is not None:
+        try:
+            with urllib.request.urlopen(f"{base}/v2/models/{model.name}/ready", timeout=30) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
     inputs = [{"name": t["name"], "datatype": t["datatype"], "shape": [1, *t["dims"]],
                "data": [0] * _size(t["dims"])} for t in model.io()["inputs"]]
     body = json.dumps({"inputs": inputs}).encode()

@@ -364,6 +364,8 @@ async def _warm_up(front, models: Sequence[ServedModel], stop: asyncio.Event, se
     import numpy as np
 
     for model in models:
+        if model.streams is not None:  # an M_stream companion warms its engine when it loads (no stream exists yet)
+            continue
         for batch in sorted({1, model.max_batch}):
             if stop.is_set():
                 return

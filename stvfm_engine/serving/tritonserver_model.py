@@ -12,8 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stvfm_engine.engine.graph import FEATURES_NAME, TOKENS_NAME
-from stvfm_engine.errors import InputError, ServeError, first_line
-from stvfm_engine.serving.models import open_engine, open_worker
+from stvfm_engine.errors import ServeError, StoreError, STVFMError, first_line
+from stvfm_engine.serving.models import open_engine, open_stream_worker, open_worker
 
 
 class TritonPythonModel:
@@ -25,30 +25,52 @@ class TritonPythonModel:
         if self.backbone_role:
             self.engine = open_engine(params, base=version_dir)
             return
-        self.worker = open_worker(params, base=version_dir)
+        self.streams = open_stream_worker(params, base=version_dir) if params.get("role") == "stream" else None
+        self.worker = self.streams.worker if self.streams is not None else open_worker(params, base=version_dir)
         self.inputs = [t["name"] for t in config["input"]]
         if params.get("backbone_model"):
             timeout_us = int(params.get("backbone_timeout_us") or 0)
             self.worker.session.share_backbone(_bls(params["backbone_model"], timeout_us))
+        if self.streams is not None:  # ready means warm: the serve command's warm-up sends no stream requests
+            self.worker.warm_up([self.worker.key])
 
     def execute(self, requests):
         if self.backbone_role:
             return _run_backbone(self.engine, requests)
+        if self.streams is not None:
+            return self._execute_streams(requests)
         # (x, tod, dow) per request; a model without time inputs has x only
         arrays = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
-        responses = []
-        for result in self.worker.answer([(None, *a, *(None,) * (3 - len(a))) for a in arrays]):
-            if isinstance(result, InputError):
-                error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
-            elif isinstance(result, ServeError):  # the shared backbone's worker is down: UNAVAILABLE (503)
-                error = pb_utils.TritonError(str(result), pb_utils.TritonError.UNAVAILABLE)
-                responses.append(pb_utils.InferenceResponse(error=error))
-            elif isinstance(result, Exception):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
-            else:
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("y", result)]))
-        return responses
+        return [_response(result, {"y": result}) for result in
+                self.worker.answer([(None, *a, *(None,) * (3 - len(a))) for a in arrays])]
+
+    def _execute_streams(self, requests):
+        """The ``M_stream`` companion: optional inputs absent from a request are None."""
+        arrays = []
+        for r in requests:
+            found = {}
+            for n in self.inputs:
+                tensor = pb_utils.get_input_tensor_by_name(r, n)
+                if tensor is not None:
+                    found[n] = tensor.as_numpy()
+            arrays.append((None, found))
+        return [_response(result, result) for result in self.streams.answer(arrays)]
+
+    def finalize(self):
+        if getattr(self, "streams", None) is not None:
+            self.streams.close()
+
+
+def _response(result, outputs):
+    """An InferenceResponse of ``outputs`` ({name: array}), or of the error ``result`` is: INVALID_ARG (400) for
+    what the request sent, UNAVAILABLE (503) for a part of the server that is down (the shared backbone's
+    worker, the stream store), INTERNAL otherwise."""
+    if isinstance(result, (ServeError, StoreError)):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), pb_utils.TritonError.UNAVAILABLE))
+    if isinstance(result, Exception):
+        code = pb_utils.TritonError.INVALID_ARG if isinstance(result, STVFMError) else pb_utils.TritonError.INTERNAL
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), code))
+    return pb_utils.InferenceResponse([pb_utils.Tensor(name, array) for name, array in outputs.items()])
 
 
 def _bls(model_name, timeout_us=0):

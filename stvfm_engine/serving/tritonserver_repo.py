@@ -60,7 +60,10 @@ def model_config(model: ServedModel, platform: str, parameters: Optional[dict[st
     io = model.io()
     for side, field in (("inputs", cfg.input), ("outputs", cfg.output)):
         for t in io[side]:
-            field.add(name=t["name"], data_type=pb.DataType.Value(f"TYPE_{t['datatype']}"), dims=t["dims"])
+            kind = "STRING" if t["datatype"] == "BYTES" else t["datatype"]  # Triton's config name of BYTES
+            tensor = field.add(name=t["name"], data_type=pb.DataType.Value(f"TYPE_{kind}"), dims=t["dims"])
+            if t.get("optional"):
+                tensor.optional = True
     cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     if queue is not None:
         policy = cfg.dynamic_batching.default_queue_policy
