@@ -2,10 +2,17 @@
 :meth:`Streams.serve_batch` (what a server's batcher calls), against the same forecasts sent as whole windows
 (the client keeps each window and computes tod/dow, then ``Engine.predict_many``). Forecasts per second,
 p50/p99 of the batch call each request waits for, bytes per request; the two paths interleaved by round,
-a pause before each block. The through-the-server figure is the serving bench's.
+a pause before each block.
+
+With ``--serve triton|ray`` the same through a server that this bench starts (``serve --state-dir``, the
+streams' first ``T - 1`` frames committed before it starts): ``--clients`` keep-alive connections send JSON
+bodies, each stream pushing one frame and getting its forecast from ``M_stream`` in one request, against
+the same forecasts sent as whole windows (the client's window and tod/dow) to ``M``. Every answer of one
+path is compared with the other's.
 
     python -m stvfm_engine.bench.streams bike.engine --streams 1000 --batch 64 --rounds 3 --json streams.json
     python -m stvfm_engine.bench.streams bike.pt ...      # a checkpoint: its eager model, held in memory
+    python -m stvfm_engine.bench.streams bike.engine --serve triton --streams 1000 --clients 16 --rounds 2
 """
 from __future__ import annotations
 
@@ -159,6 +166,160 @@ def run(source: str, streams: int = 1000, batch: int = 64, rounds: int = 3, back
             "note": "per-request latency offline = the batch call it waits for; a push commits before its forecast"}
 
 
+def run_served(engine_dir: str, server: str = "triton", streams: int = 1000, clients: int = 16, rounds: int = 2,
+               threads: Optional[int] = None, cooldown: float = 2.0, seed: int = 0,
+               ready_timeout_s: float = 600.0) -> dict[str, Any]:
+    """The streams against whole windows through ``serve`` (``server``: ``triton`` or ``ray``): see the module
+    docstring. Per path: forecasts/s (streams / the round's wall time), p50/p99 of a request, bytes sent and
+    received per request; both paths' answers compared."""
+    import queue
+    import threading
+
+    from stvfm_engine.bench.faults import ServeProcess
+    from stvfm_engine.bench.floor import free_port
+    from stvfm_engine.wire import JsonClient
+
+    if server not in ("triton", "ray"):
+        raise STVFMError(f"--serve: expected triton or ray, got {server!r}")
+    engine = Engine.load(engine_dir, threads=threads)
+    if len(engine.models) != 1:
+        raise STVFMError("the served streams bench takes a one-model engine directory")
+    c = engine.config
+    grid = grid_for(c.steps_per_day, c.calendar, None if c.uses_time else 1800.0)
+    T, shape = c.history, (c.channels, c.height, c.width)
+    rng = np.random.default_rng(seed)
+    names = [f"region-{i:05d}" for i in range(streams)]
+    windows = {n: np.zeros((T, *shape), np.float32) for n in names}
+    first = grid.step(parse_time("2026-11-01T04:00:00Z"))  # the New York fall-back hour runs through it
+
+    def frames_at() -> dict[str, np.ndarray]:
+        return {n: (10 + 3 * rng.standard_normal(shape)).astype(np.float32) for n in names}
+
+    with tempfile.TemporaryDirectory(prefix="stvfm-bench-streams-") as tmp:
+        with Streams(engine, str(Path(tmp) / "streams.db"), interval=None if c.uses_time else 1800.0) as s:
+            for k in range(first - T + 1, first):  # T - 1 frames held before the first timed round
+                new = frames_at()
+                for i in range(0, streams, 500):
+                    s.serve_batch([(n, iso(grid.time(k)), new[n], None, None) for n in names[i:i + 500]])
+                for n in names:
+                    windows[n] = np.concatenate([windows[n][1:], new[n][None]])
+        del engine, s
+        ports: list[int] = []
+        while len(ports) < 3:  # distinct (each was free when asked)
+            ports += [p for p in [free_port()] if p not in ports]
+        args = [str(engine_dir), "--name", "m", "--http-port", str(ports[0]), "--state-dir", tmp,
+                "--max-queue", str(max(64, 4 * clients))]
+        args += ["--ray"] if server == "ray" else ["--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+        if threads:
+            args += ["--threads", str(threads)]
+        proc = ServeProcess(args)
+        try:
+            proc.wait_ready(ready_timeout_s)
+            timings: dict[str, list[float]] = {"streams": [], "windows": []}
+            walls = {"streams": 0.0, "windows": 0.0}
+            sent = {"streams": 0, "windows": 0}
+            received = {"streams": 0, "windows": 0}
+            max_diff, errors = 0.0, []
+
+            def drive(path: str, bodies: dict[str, bytes], out: dict[str, np.ndarray]) -> float:
+                todo: queue.Queue = queue.Queue()
+                for n in names:
+                    todo.put(n)
+                model = "m_stream" if path == "streams" else "m"
+
+                def client() -> None:
+                    conn = JsonClient(f"127.0.0.1:{ports[0]}", timeout_s=300)
+                    try:
+                        while True:
+                            try:
+                                n = todo.get_nowait()
+                            except queue.Empty:
+                                return
+                            t0 = time.perf_counter()
+                            status, answer = conn.post(f"/v2/models/{model}/infer", bodies[n])
+                            timings[path].append((time.perf_counter() - t0) * 1e3)
+                            if status != 200:
+                                errors.append(f"{path} {n}: HTTP {status} {answer[:200]!r}")
+                                continue
+                            received[path] += len(answer)
+                            doc = json.loads(answer)
+                            y = next(o for o in doc["outputs"] if o["name"] == "y")
+                            out[n] = np.asarray(y["data"], np.float32).reshape(y["shape"])[0]
+                    finally:
+                        conn.close()
+
+                time.sleep(cooldown)
+                started = time.perf_counter()
+                workers = [threading.Thread(target=client) for _ in range(clients)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                return time.perf_counter() - started
+
+            for r in range(rounds):
+                k = first + r
+                when = iso(grid.time(k))
+                new = frames_at()
+                for n in names:
+                    windows[n] = np.concatenate([windows[n][1:], new[n][None]])
+                tod, dow = (grid.features(range(k - T + 1, k + 1)) if c.uses_time else (None, None))
+                bodies = {"streams": {n: _stream_body(n, when, new[n]) for n in names},
+                          "windows": {n: _window_body(windows[n], tod, dow) for n in names}}
+                outputs: dict[str, dict[str, np.ndarray]] = {"streams": {}, "windows": {}}
+                for path in (("streams", "windows") if r % 2 == 0 else ("windows", "streams")):
+                    walls[path] += drive(path, bodies[path], outputs[path])
+                    sent[path] += sum(map(len, bodies[path].values()))
+                if errors:
+                    raise STVFMError(f"{len(errors)} requests failed, first: {errors[0]}")
+                max_diff = max(max_diff, max(float(np.abs(outputs["streams"][n] - outputs["windows"][n]).max())
+                                             for n in names))
+        finally:
+            code, left = proc.stop(60)
+    results = []
+    for path in ("streams", "windows"):
+        stats = summarize(timings[path], 1)
+        n = streams * rounds
+        results.append({"path": path, "forecasts_per_s": n / walls[path], "p50_ms": stats["p50_ms"],
+                        "p99_ms": stats["p99_ms"], "requests": stats["samples"],
+                        "request_bytes": sent[path] / n, "response_bytes": received[path] / n})
+    return {**report.header("cpu", [sys.executable, "-m", "stvfm_engine.bench.streams", *sys.argv[1:]]),
+            "engine": str(engine_dir), "server": server, "config": c.to_dict(), "streams": streams,
+            "clients": clients, "rounds": rounds, "results": results, "max_abs_diff_streams_vs_windows": max_diff,
+            "serve_exit_code": code, "processes_left": len(left), "peak_rss_mib": proc.peak_rss / 2 ** 20,
+            "note": "JSON bodies over keep-alive connections; a stream request pushes its frame and gets its forecast"}
+
+
+def _stream_body(stream: str, when: str, frame: np.ndarray) -> bytes:
+    return json.dumps({"inputs": [
+        {"name": "stream", "datatype": "BYTES", "shape": [1, 1], "data": [stream]},
+        {"name": "time", "datatype": "BYTES", "shape": [1, 1], "data": [when]},
+        {"name": "frame", "datatype": "FP32", "shape": [1, *frame.shape], "data": frame.ravel().tolist()}]}).encode()
+
+
+def _window_body(window: np.ndarray, tod: Any, dow: Any) -> bytes:
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [1, *window.shape], "data": window.ravel().tolist()}]
+    if tod is not None:
+        inputs += [{"name": n, "datatype": "INT64", "shape": [1, len(v)], "data": v.tolist()}
+                   for n, v in (("tod", tod), ("dow", dow))]
+    return json.dumps({"inputs": inputs}).encode()
+
+
+def format_served(rep: dict) -> str:
+    d = rep["device"]
+    lines = [f"{rep['streams']} streams through serve{' --ray' if rep['server'] == 'ray' else ''}, {rep['clients']} "
+             f"clients, {rep['rounds']} rounds, JSON bodies; {d['name']} ({d['cores']} cores, load "
+             f"{d.get('load_avg_1_5_15')})",
+             f"{'path':<10} {'forecasts/s':>12} {'p50 ms':>9} {'p99 ms':>9} {'bytes sent':>11} {'bytes back':>11}"]
+    for r in rep["results"]:
+        lines.append(f"{r['path']:<10} {r['forecasts_per_s']:>12.1f} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} "
+                     f"{r['request_bytes']:>11.0f} {r['response_bytes']:>11.0f}")
+    lines.append(f"max |streams - windows| = {rep['max_abs_diff_streams_vs_windows']:.3g}; serve exit "
+                 f"{rep['serve_exit_code']}, {rep['processes_left']} processes left, peak RSS "
+                 f"{rep['peak_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
 def format_report(rep: dict) -> str:
     d = rep["device"]
     lines = [f"{rep['streams']} streams, batch {rep['batch']}, {rep['rounds']} rounds, backend {rep['backend']}, "
@@ -187,14 +348,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--cooldown", type=float, default=0.3)
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--serve", choices=("triton", "ray"),
+                   help="through a server this bench starts (an engine directory): M_stream against whole windows")
+    p.add_argument("--clients", type=int, default=16, help="--serve: concurrent keep-alive connections (default 16)")
     args = p.parse_args(argv)
     try:
-        rep = run(args.engine, args.streams, args.batch, args.rounds, args.backend, args.threads, args.store,
-                  args.cooldown, warmup=args.warmup)
+        if args.serve:
+            rep = run_served(args.engine, args.serve, args.streams, args.clients, args.rounds, args.threads,
+                             max(args.cooldown, 1.0))
+        else:
+            rep = run(args.engine, args.streams, args.batch, args.rounds, args.backend, args.threads, args.store,
+                      args.cooldown, warmup=args.warmup)
     except STVFMError as e:
         print(f"bench.streams: error: {e}", file=sys.stderr)
         return 2
-    print(format_report(rep))
+    print(format_served(rep) if args.serve else format_report(rep))
     if args.json:
         report.write_json(rep, args.json)
     return 0

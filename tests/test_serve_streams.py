@@ -239,3 +239,65 @@ def test_stream_options_are_refused_in_one_line(engine_dir, tmp_path, capsys):
     for extra, message in cases:
         assert main(["serve", str(engine_dir), "--http-port", str(free_ports(1)[0]), *extra]) == 2
         assert message in one_error_line(capsys.readouterr().err, "serve")
+
+
+def test_the_decoder_takes_bytes_tensors_strictly(engine_dir, tmp_path):
+    """BYTES on the wire (no server): JSON strings and Triton's binary form decode to bytes; a lying length,
+    extra or missing elements, a number where a string goes, a missing ``stream``: 400s naming the input;
+    random blobs give only refusals or arrays of the shape."""
+    from dataclasses import replace
+
+    from hypothesis import given, settings, strategies as st
+
+    from stvfm_engine.errors import ProtocolError
+    from stvfm_engine.serving.models import StreamOptions, served_models
+    from stvfm_engine.serving.oip import decode_request, deserialize_bytes, encode_response, serialize_bytes
+
+    model = replace(served_models([engine_dir], ["bike"])[0], name="bike_stream",
+                    streams=StreamOptions(str(tmp_path / "s.db")))
+    arrays, binary = decode_request(model, body("midtown é", START, frame("a", 0)), None)
+    assert arrays["stream"].dtype == object and arrays["stream"][0, 0] == "midtown é".encode() and not binary
+    assert arrays["time"][0, 0] == iso(START).encode() and arrays["frame"].shape == (1, *SHAPE)
+
+    def binary_body(blob: bytes, shape=(1, 1), size=None):
+        head = json.dumps({"inputs": [{"name": "stream", "datatype": "BYTES", "shape": list(shape),
+                                       "parameters": {"binary_data_size": len(blob) if size is None else size}}]})
+        return head.encode() + blob, str(len(head))
+
+    assert decode_request(model, *binary_body(serialize_bytes(np.array([[b"abc"]], object))))[0]["stream"][0, 0] == b"abc"
+    refused = {"a length past the end": binary_body(b"\xe8\x03\x00\x00abc"),
+               "two elements for one": binary_body(serialize_bytes(np.array([b"a", b"b"], object))),
+               "a cut length": binary_body(b"\x03\x00"),
+               "no element": binary_body(b""),
+               "a size past the body": binary_body(b"\x01\x00\x00\x00a", size=9)}
+    for what, (data, header) in refused.items():
+        with pytest.raises(ProtocolError, match="stream|body"):
+            decode_request(model, data, header)
+            pytest.fail(what)
+    number = json.loads(body("a"))
+    number["inputs"][0]["data"] = [5]
+    with pytest.raises(ProtocolError, match="input 'stream': expected BYTES data as JSON strings, got an integer"):
+        decode_request(model, json.dumps(number).encode(), None)
+    with pytest.raises(ProtocolError, match=r"missing input\(s\) \['stream'\]"):
+        decode_request(model, json.dumps({"inputs": json.loads(body("a", START))["inputs"][1:]}).encode(), None)
+    # answers: BYTES as JSON strings, or length-prefixed after the JSON header
+    times = np.array([[b"2026-11-01T06:00:00Z", b"2026-11-01T06:30:00Z"]], object)
+    out = {"y": np.zeros((1, 2, *SHAPE), np.float32), "time": times, "held": np.array([[4]], np.int64)}
+    doc = json.loads(encode_response(model, out, False)[0])
+    assert doc["outputs"][1]["data"] == ["2026-11-01T06:00:00Z", "2026-11-01T06:30:00Z"]
+    raw, headers = encode_response(model, out, True)
+    head = json.loads(raw[:int(headers["inference-header-content-length"])])
+    start = int(headers["inference-header-content-length"]) + head["outputs"][0]["parameters"]["binary_data_size"]
+    blob = raw[start:start + head["outputs"][1]["parameters"]["binary_data_size"]]
+    assert (deserialize_bytes(blob, [1, 2]) == times).all()
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.binary(max_size=40), st.lists(st.integers(0, 3), min_size=1, max_size=3))
+    def fuzz(blob, shape):
+        try:
+            arrays, _ = decode_request(model, *binary_body(blob, shape))
+        except ProtocolError:
+            return
+        assert arrays["stream"].shape == tuple(shape) and all(type(v) is bytes for v in arrays["stream"].ravel())
+
+    fuzz()

@@ -18,11 +18,15 @@ bad one gets an error naming what was expected while the others batched with it 
 Readiness (only once every model has run) and progress go to stderr. A full queue is refused at
 once (503); SIGTERM/SIGINT drains: readiness turns false, new requests get 503, every accepted one is
 answered, then exit 0 (3 if --drain-timeout expired first). A port already in use: one line, exit 2.
+With --state-dir DIR (or --stream-store URL) each model M also gets M_stream: clients push one
+timestamped frame of a named stream per request and get its forecast; the server keeps the windows,
+the calendar (tod/dow) and the gaps, durably (a restart keeps every stream).
 
 Examples:
   stvfm-engine serve bike.engine                        # HTTP :8000, gRPC :8001, metrics :8002
   stvfm-engine serve bike.engine taxi.engine --max-queue-delay-ms 5
   stvfm-engine serve bike.engine --ray --replicas 2     # Ray Serve on a local Ray instance
+  stvfm-engine serve bike.engine --state-dir state      # + bike.engine_stream (streams in state/streams.db)
   curl -s localhost:8000/v2/models/bike.engine          # model metadata
 """
 

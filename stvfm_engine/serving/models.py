@@ -137,7 +137,8 @@ def stream_companions(models: Sequence[ServedModel], options: StreamOptions) -> 
     out, notes = [], []
     for m in models:
         try:
-            grid_for(m.config.steps_per_day, m.config.calendar, options.interval, what=f"model {m.name!r}")
+            grid_for(m.config.steps_per_day, m.config.calendar, None if m.config.steps_per_day else options.interval,
+                     what=f"model {m.name!r}")
         except STVFMError as e:
             notes.append(f"no {m.name}{STREAM_SUFFIX}: {e}")
             continue
@@ -259,8 +260,9 @@ class StreamWorker:
 
         self.worker = worker
         self.counts = {name: [0, 0] for name in worker.session.models}  # [forecasts, batches], as Worker.counts
+        timeless = any(cfg.steps_per_day == 0 for cfg in worker.session.models.values())
         self.streams = Streams(worker.session, options.store, gaps=options.gaps, max_gap=options.max_gap,
-                               interval=options.interval, max_steps=options.max_steps)
+                               interval=options.interval if timeless else None, max_steps=options.max_steps)
 
     def item(self, model: Optional[str], arrays: dict[str, Any]) -> tuple | InputError:
         """``(stream, time, frame, steps, model)`` of one request's arrays (None for an absent input), or the

@@ -251,9 +251,20 @@ def serve_triton(models: Sequence[ServedModel], options: TritonOptions = TritonO
                                                   options.instances, queues)
             backends = backend_directory(found, Path(tmp) / "backends")
             front = Front(models, f"{loopback(options.host)}:{options.grpc_port}", limits)
-            return asyncio.run(_serve(models, options, found, repository, backends, front, listener))
+            return run_loop(_serve(models, options, found, repository, backends, front, listener))
     finally:
         listener.close()
+
+
+def run_loop(coro):
+    """Run the front's event loop: uvloop where installed (as ``uvicorn.run`` chooses it, so the front runs on
+    what the bench's plain ASGI floor app runs on), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 async def _serve(models, options: TritonOptions, found: Bundle, repository: Path, backends: Path, front,
