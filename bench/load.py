@@ -144,7 +144,35 @@ def _level(url: str, model: str, arrays: dict[str, np.ndarray], concurrency: int
     row["throughput"] = len(latencies) * batch / wall if wall > 0 else 0.0
     served = before and after and after[1] > before[1]
     row["mean_batch"] = (after[0] - before[0]) / (after[1] - before[1]) if served else None
+    row["_latencies"], row["_counts"] = latencies, ((after[0] - before[0], after[1] - before[1]) if served else None)
     return row
+
+
+def _merge(rows: list[dict]) -> dict:
+    """One row of the blocks of a level: latencies pooled, throughput = all samples / all blocks' wall time,
+    the mean batch over all blocks; ``blocks`` the block count."""
+    if len(rows) == 1:
+        return {**rows[0], "blocks": 1}
+    first, batch = rows[0], rows[0]["batch"]
+    latencies = [v for r in rows for v in r["_latencies"]]
+    wall = sum(r["wall_s"] for r in rows)
+    errors = [r["first_error"] for r in rows if r["first_error"]]
+    row = {"concurrency": first["concurrency"], "batch": batch, "body": first["body"], "requests": len(latencies),
+           "errors": sum(r["errors"] for r in rows), "first_error": errors[0] if errors else None,
+           "wall_s": round(wall, 3), "blocks": len(rows)}
+    if "wrong" in first:
+        row["wrong"] = sum(r["wrong"] for r in rows)
+    if latencies:
+        row.update({k: v for k, v in summarize(latencies, batch).items() if k != "throughput"})
+    row["throughput"] = len(latencies) * batch / wall if wall > 0 else 0.0
+    counts = [r["_counts"] for r in rows if r["_counts"]]
+    row["mean_batch"] = sum(c[0] for c in counts) / sum(c[1] for c in counts) if counts else None
+    row["_latencies"], row["_counts"] = latencies, None
+    return row
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def _close(y: np.ndarray, expected: np.ndarray, rtol: float = 1e-5) -> bool:
@@ -158,13 +186,20 @@ def run_load(url: str, model: str, concurrency: Sequence[int] = (1, 4, 16), dura
              batch: int = 1, metrics_url: Optional[str] = None, arrays: Optional[dict[str, np.ndarray]] = None,
              max_requests: int = 100_000, warmup: int = 2, timeout_s: float = 60.0,
              offline: Optional[Callable[[int], dict]] = None, log: Callable[[str], None] = lambda s: None,
-             body_kind: str = "binary", expected: Optional[np.ndarray] = None, floor: Optional[dict] = None) -> dict:
+             body_kind: str = "binary", expected: Optional[np.ndarray] = None, floor: Optional[dict] = None,
+             floor_app: Optional["FloorApp"] = None, rounds: int = 1, pause_s: float = 1.0) -> dict:
     """Drive the server at ``url`` at each concurrency; ``arrays`` is one request (default: from the
     model's metadata, see :func:`model_inputs`), sent as tritonclient's binary tensors (``body_kind``
     ``binary``) or JSON data (``json``); ``expected`` the answer each response is checked against.
     ``metrics_url`` default: ``URL/metrics`` if it answers (the Ray Serve app); Triton's metrics port must be
     given. ``offline`` (:func:`offline_timer`), timed right after each level so that both see about the same
-    machine, adds the offline comparison; ``floor`` (:func:`measure_floor`'s report) the targets."""
+    machine, adds the offline comparison; ``floor`` (:func:`measure_floor`'s report) the targets.
+
+    ``floor_app`` (a running :class:`FloorApp`) measures the floor side by side instead: each level is
+    ``rounds`` rounds of blocks of ``duration_s / rounds`` each, the floor app, the server and (with
+    ``offline``) ``Engine.predict`` at batch 1 (one client) or 8, the order alternating by round and a
+    ``pause_s`` pause before each block; each side's blocks are pooled (latencies, and requests over wall
+    time), and the targets come from the pooled figures of one run."""
     check_loopback(url)
     if min(concurrency) < 1 or duration_s <= 0 or batch < 1 or max_requests < 1:
         raise LoadError("concurrency, batch and --requests must be >= 1 and --duration > 0")
@@ -194,9 +229,12 @@ def run_load(url: str, model: str, concurrency: Sequence[int] = (1, 4, 16), dura
               "duration_s": duration_s, "results": []}
     if floor is not None:
         report["floor"] = floor
+    if floor_app is not None:
+        return _side_by_side(report, url, model, arrays, concurrency, duration_s, max_requests, warmup, timeout_s,
+                             metrics_url, body_kind, expected, offline, floor_app, max(1, rounds), pause_s, log)
     for n in concurrency:
-        row = _level(url, model, arrays, n, duration_s, max_requests, warmup, timeout_s, metrics_url, body_kind,
-                     expected)
+        row = _public(_level(url, model, arrays, n, duration_s, max_requests, warmup, timeout_s, metrics_url,
+                             body_kind, expected))
         log(f"concurrency {n}: {row['requests']} requests, {row['errors']} errors, "
             f"{row['throughput']:.1f} samples/s, mean server batch {_fmt(row['mean_batch'], '.2f')}")
         if offline is not None:
@@ -207,54 +245,122 @@ def run_load(url: str, model: str, concurrency: Sequence[int] = (1, 4, 16), dura
     return report
 
 
-def measure_floor(kind: str, model: str, arrays: dict[str, np.ndarray], y_shape: Sequence[int],
-                  concurrency: Sequence[int], duration_s: float, max_requests: int = 100_000, warmup: int = 2,
-                  timeout_s: float = 60.0, log: Callable[[str], None] = lambda s: None) -> dict:
-    """The server kind's own floor, measured alone: a plain app (:mod:`stvfm_engine.bench.floor`: a Ray Serve
-    deployment for ``ray``, a uvicorn ASGI app for ``asgi``) that decodes the same JSON body and answers a
-    ``y_shape``-sized array is started, driven at each concurrency with JSON bodies, and stopped."""
-    import subprocess
-    import sys
-    import tempfile
+def _side_by_side(report: dict, url: str, model: str, arrays: dict[str, np.ndarray], concurrency: Sequence[int],
+                  duration_s: float, max_requests: int, warmup: int, timeout_s: float, metrics_url: Optional[str],
+                  body_kind: str, expected: Optional[np.ndarray], offline: Optional[Callable[[int], dict]],
+                  floor_app: "FloorApp", rounds: int, pause_s: float, log: Callable[[str], None]) -> dict:
+    """:func:`run_load` with the floor measured in blocks interleaved with the server's (see there)."""
+    block_s = duration_s / rounds
+    floor_rows, offline_runs = [], {}
+    for n in concurrency:
+        blocks: dict[str, list] = {"server": [], "floor": []}
+        for r in range(rounds):
+            for who in (("floor", "server") if r % 2 == 0 else ("server", "floor")):
+                time.sleep(pause_s)
+                if who == "floor":
+                    blocks[who].append(_level(floor_app.url, model, arrays, n, block_s, max_requests, warmup,
+                                              timeout_s, None, "json"))
+                else:
+                    blocks[who].append(_level(url, model, arrays, n, block_s, max_requests, warmup, timeout_s,
+                                              metrics_url, body_kind, expected))
+            if offline is not None:  # its schedule pauses before each of its own blocks
+                b = 1 if n == 1 else 8
+                offline_runs.setdefault(b, []).append(offline(b))
+        row, floor_row = _merge(blocks["server"]), _merge(blocks["floor"])
+        log(f"concurrency {n}: {row['requests']} requests, {row['errors']} errors, {row['throughput']:.1f} samples/s "
+            f"(floor {floor_row['throughput']:.1f} requests/s), mean server batch {_fmt(row['mean_batch'], '.2f')}")
+        report["results"].append(_public(row))
+        floor_rows.append(_public(floor_row))
+    report["floor"] = {"kind": floor_app.kind, "app": floor_app.app, "results": floor_rows, "side_by_side": True,
+                       "rounds": rounds, "pause_s": pause_s}
+    if offline is not None:
+        pooled = {b: _pool(runs, b) for b, runs in offline_runs.items()}
+        report["offline_interleaved"] = {str(b): {k: v for k, v in p.items() if k != "samples_ms"}
+                                         for b, p in pooled.items()}
+        for row in report["results"]:
+            b = 1 if row["concurrency"] == 1 else 8
+            ref = pooled[b]
+            row.update(offline_batch=b, offline_p50_ms=ref["p50_ms"], offline_throughput=ref["throughput"],
+                       served_vs_offline=row["throughput"] / ref["throughput"])
+            if row["concurrency"] == 1 and row["batch"] == 1 and "p50_ms" in row:
+                report["serving_cost_ms"] = row["p50_ms"] - ref["p50_ms"]
+        report["targets"] = _targets(report, report["floor"], lambda b: pooled[b] if b in pooled else offline(b))
+    return report
 
-    from stvfm_engine.bench.floor import KINDS, free_port
 
-    if kind not in KINDS:
-        raise LoadError(f"expected a floor app kind of {list(KINDS)}, got {kind!r}")
-    port = free_port()
-    log_file = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "stvfm_engine.bench.floor",
-                             json.dumps({"kind": kind, "port": port, "y": list(y_shape)})],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def _pool(runs: list[dict], batch: int) -> dict:
+    """Offline timings of several blocks as one (their samples pooled)."""
+    samples = [v for r in runs for v in r["samples_ms"]]
+    return {**summarize(samples, batch), "samples_ms": samples, "blocks": len(runs)}
+
+
+class FloorApp:
+    """The server kind's own floor (:mod:`stvfm_engine.bench.floor`: a Ray Serve deployment for ``ray``, a
+    uvicorn ASGI app for ``asgi``) that decodes the same JSON body and answers a ``y_shape``-sized array,
+    running in a child process (``with FloorApp(kind, y_shape) as app: app.url``)."""
+
+    def __init__(self, kind: str, y_shape: Sequence[int]):
+        from stvfm_engine.bench.floor import KINDS
+
+        if kind not in KINDS:
+            raise LoadError(f"expected a floor app kind of {list(KINDS)}, got {kind!r}")
+        self.kind, self.app, self.y_shape = kind, KINDS[kind], list(y_shape)
+        self.proc = None
+
+    def __enter__(self) -> "FloorApp":
+        import subprocess
+        import sys
+        import tempfile
+
+        from stvfm_engine.bench.floor import free_port
+
+        port = free_port()
+        log_file = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "stvfm_engine.bench.floor",
+                                      json.dumps({"kind": self.kind, "port": port, "y": self.y_shape})],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+        self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:
             try:
-                with urllib.request.urlopen(url + "/", timeout=2) as response:
+                with urllib.request.urlopen(self.url + "/", timeout=2) as response:
                     if response.status == 200:
-                        break
+                        return self
             except (urllib.error.URLError, OSError):
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
                 log_file.seek(0)
-                raise LoadError(f"the {kind} floor app did not start: {log_file.read().decode()[-500:]}")
+                raise LoadError(f"the {self.kind} floor app did not start: {log_file.read().decode()[-500:]}")
             time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def measure_floor(kind: str, model: str, arrays: dict[str, np.ndarray], y_shape: Sequence[int],
+                  concurrency: Sequence[int], duration_s: float, max_requests: int = 100_000, warmup: int = 2,
+                  timeout_s: float = 60.0, log: Callable[[str], None] = lambda s: None) -> dict:
+    """The server kind's floor app (:class:`FloorApp`) measured alone: started, driven at each concurrency
+    with JSON bodies, stopped."""
+    with FloorApp(kind, y_shape) as app:
         rows = []
         for n in concurrency:
-            row = _level(url, model, arrays, n, duration_s, max_requests, warmup, timeout_s, None, "json")
+            row = _public(_level(app.url, model, arrays, n, duration_s, max_requests, warmup, timeout_s, None, "json"))
             log(f"floor ({kind}) concurrency {n}: {row['requests']} requests, {row['errors']} errors, "
                 f"p50 {_fmt(row.get('p50_ms'), '.2f')} ms, {row['throughput']:.1f} requests/s")
             rows.append(row)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return {"kind": kind, "app": KINDS[kind], "results": rows}
+    return {"kind": kind, "app": app.app, "results": rows}
 
 
 def _targets(report: dict, floor: dict, offline: Callable[[int], dict]) -> dict:
@@ -294,7 +400,7 @@ def offline_timer(predict: Callable, arrays_for: Callable[[int], tuple], iters: 
     def timer(batch: int) -> dict:
         args = arrays_for(batch)
         samples = time_interleaved({batch: lambda: predict(*args)}, Schedule.for_iters(iters, warmup))
-        return summarize(samples[batch], batch)
+        return {**summarize(samples[batch], batch), "samples_ms": list(samples[batch])}
 
     return timer
 
@@ -330,7 +436,10 @@ def format_load_table(report: dict) -> str:
         lines.append(f"serving cost per request at 1 client: {report['serving_cost_ms']:.2f} ms "
                      "(served p50 - direct Engine.predict p50)")
     if "floor" in report:
-        lines.append(f"floor: {report['floor']['app']}, measured alone before the server")
+        f = report["floor"]
+        lines.append(f"floor: {f['app']}, " + (f"side by side: {f['rounds']} rounds of blocks (floor, server, "
+                     f"Engine.predict), the order alternating, {f['pause_s']:g} s pause before each" if
+                     f.get("side_by_side") else "measured alone before the server"))
     for name, t in report.get("targets", {}).items():
         if isinstance(t, dict):
             values = ", ".join(f"{k} {format(v, '.2f') if isinstance(v, float) else v}" for k, v in t.items()

@@ -30,9 +30,11 @@ HTTP or gRPC with tritonclient, to this machine only; the report has p50/p90/p99
 and the server's mean batch (from its Prometheus counters: --metrics-url, e.g. Triton's
 http://127.0.0.1:8002/metrics; a Ray Serve app answers URL/metrics). Given an engine DIR too, the same
 model is timed offline with Engine.predict at the server's mean batch for comparison, and every answer is
-checked against it. --body json sends JSON tensors instead of binary ones; --floor ray|asgi first
-measures the server kind's own floor alone (a plain Ray Serve deployment, or a plain ASGI app) and
-reports issue 23's targets. --faults triton,ray starts 'serve DIR' itself and runs the fault scenario
+checked against it. --body json sends JSON tensors instead of binary ones; --floor ray|asgi also
+starts the server kind's own floor (a plain Ray Serve deployment, or a plain ASGI app) and measures it
+side by side with the server and Engine.predict (--rounds rounds of blocks, the order alternating, a
+pause before each), then reports issue 23's targets from that one run (--floor-alone: the floor first,
+alone, as before). --faults triton,ray starts 'serve DIR' itself and runs the fault scenario
 (64 clients, 2000 requests, 10% malformed, SIGTERM at the midpoint) and the overload case.
   stvfm-engine bench tiny.engine --url http://127.0.0.1:8000 --model tiny.engine --body json --floor ray
   stvfm-engine bench tiny.engine --faults triton,ray --json faults.json
@@ -145,7 +147,9 @@ def _bench_mix(args: argparse.Namespace) -> int:
 def _bench_url(args: argparse.Namespace) -> int:
     """``bench --url``: the load test of a running server (bench.load), optionally against ``Engine.predict``
     (every answer checked, offline timings) and the server kind's floor app (``--floor``)."""
-    from stvfm_engine.bench.load import LoadError, format_load_table, measure_floor, offline_timer, run_load
+    import contextlib
+
+    from stvfm_engine.bench.load import FloorApp, LoadError, format_load_table, measure_floor, offline_timer, run_load
     from stvfm_engine.bench.report import header
     from stvfm_engine.bench.runner import make_inputs, parse_list
     from stvfm_engine.engine import Engine
@@ -170,13 +174,17 @@ def _bench_url(args: argparse.Namespace) -> int:
         expected = engine.predict(arrays["x"], arrays.get("tod"), arrays.get("dow"), model=key)
         offline = offline_timer(lambda *a: engine.predict(*a, model=key), lambda b: make_inputs(config, b),
                                 args.iters, args.warmup)
-        if args.floor:
+        if args.floor and args.floor_alone:
             floor = measure_floor(args.floor, args.model, arrays, expected.shape[1:], concurrency, args.duration,
                                   args.requests, log=log)
     command = ["stvfm-engine", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else None
-    report = {**header("cpu", command), **run_load(args.url, args.model, concurrency, args.duration, batch,
-                                                   args.metrics_url, arrays, args.requests, offline=offline, log=log,
-                                                   body_kind=args.body, expected=expected, floor=floor)}
+    with contextlib.ExitStack() as stack:
+        app = stack.enter_context(FloorApp(args.floor, expected.shape[1:])) if args.floor and not args.floor_alone \
+            else None
+        report = {**header("cpu", command), **run_load(args.url, args.model, concurrency, args.duration, batch,
+                                                       args.metrics_url, arrays, args.requests, offline=offline,
+                                                       log=log, body_kind=args.body, expected=expected, floor=floor,
+                                                       floor_app=app, rounds=args.rounds)}
     if engine is not None:
         report["offline_engine"] = {"directory": str(engine.directory), "backend": engine.backend,
                                     "precision": engine.precision, "threads": engine.threads}
@@ -265,7 +273,12 @@ def register(sub) -> None:
     load.add_argument("--body", choices=("binary", "json"), default="binary",
                       help="request bodies: tritonclient's binary tensors (default) or JSON data (HTTP only)")
     load.add_argument("--floor", choices=("ray", "asgi"),
-                      help="first measure the server kind's own floor alone (a plain Ray Serve deployment, or a "
-                           "plain ASGI app on uvicorn, that decodes the same JSON body and answers a y-sized "
-                           "array), stop it, then the server; with DIR, report issue 23's targets")
+                      help="measure the server kind's own floor too (a plain Ray Serve deployment, or a plain ASGI "
+                           "app on uvicorn, that decodes the same JSON body and answers a y-sized array) side by "
+                           "side with the server; with DIR, report issue 23's targets")
+    load.add_argument("--rounds", type=positive_int, default=4,
+                      help="--floor: rounds of interleaved blocks (floor, server, Engine.predict) per level, each "
+                           "block --duration / rounds long (default 4)")
+    load.add_argument("--floor-alone", action="store_true",
+                      help="--floor: measure the floor first, alone, then stop it and measure the server")
     p.set_defaults(func=cmd_bench)
