@@ -200,8 +200,12 @@ def test_models_of_a_directory_share_one_backbone_and_its_batches(server, direct
     instance: one backbone in memory), whose dynamic batcher may join passes of both models."""
     import tritonclient.grpc as tg
 
-    with tg.InferenceServerClient(server["grpc"][len("grpc://"):]) as client:  # internal: not on the HTTP front
-        assert [t["name"] for t in client.get_model_metadata("_backbone", as_json=True)["inputs"]] == ["tokens"]
+    from tritonclient.utils import InferenceServerException
+
+    with tg.InferenceServerClient(server["grpc"][len("grpc://"):]) as client:  # internal: on neither public port
+        with pytest.raises(InferenceServerException, match="NOT_FOUND.*unknown model '_backbone'"):
+            client.get_model_metadata("_backbone", as_json=True)
+        assert client.is_model_ready("north") and not client.is_model_ready("_backbone")
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(server["http"] + "/v2/models/_backbone", timeout=10)
     before = {m: read_counters(server["metrics"], m) for m in ("north", "south", "_backbone")}

@@ -262,6 +262,52 @@ def test_only_the_core_api_is_public(server):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=10)
         assert e.value.code == 404, path
+    # the public gRPC port is the front's too: the core (health, metadata, infer), nothing else; the model
+    # config (whose parameters name files and the stream store) included
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    with tg.InferenceServerClient(server["grpc"]) as client:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("m")
+        assert client.get_server_metadata(as_json=True)["name"] == "triton"
+        assert [t["name"] for t in client.get_model_metadata("m", as_json=True)["inputs"]] == ["x", "tod", "dow"]
+        for call in (lambda: client.get_model_config("m"), lambda: client.get_inference_statistics("m"),
+                     lambda: client.get_model_repository_index(), lambda: client.unload_model("m"),
+                     lambda: client.get_system_shared_memory_status(), lambda: client.get_log_settings()):
+            with pytest.raises(InferenceServerException, match="UNIMPLEMENTED.*not public"):
+                call()
+        with pytest.raises(InferenceServerException, match="NOT_FOUND.*unknown model 'nope'"):
+            client.get_model_metadata("nope")
+
+
+def test_a_full_queue_is_unavailable_at_once_on_grpc(server, reference):
+    """64 gRPC requests at once against --max-queue 8: right answers, and UNAVAILABLE naming the limit."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    engine, make = reference
+    rng = np.random.default_rng(12)
+    inputs = [make(1, rng) for _ in range(64)]
+    start = threading.Barrier(64)
+
+    def send(i):
+        x, tod, dow = inputs[i]
+        tensors = []
+        for name, a in (("x", x), ("tod", tod), ("dow", dow)):
+            tensors.append(tg.InferInput(name, a.shape, "FP32" if name == "x" else "INT64"))
+            tensors[-1].set_data_from_numpy(a.astype(np.float32 if name == "x" else np.int64))
+        with tg.InferenceServerClient(server["grpc"]) as client:
+            start.wait(timeout=60)
+            try:
+                y = client.infer("m", tensors, client_timeout=60).as_numpy("y")
+                return "ok" if rel_err(y, engine.predict(x, tod, dow)) <= 1e-6 else "wrong"
+            except InferenceServerException as e:
+                return "full" if "UNAVAILABLE" in str(e.status()) and "queue full" in str(e) else str(e)
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(send, range(64)))
+    assert set(results) <= {"ok", "full"} and "ok" in results and "full" in results, results
+    _good(server, reference)
 
 
 def test_a_held_port_is_one_line_and_exit_2(engine_dir, capsys):

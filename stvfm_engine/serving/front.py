@@ -20,7 +20,7 @@ import contextlib
 import json
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -45,7 +45,12 @@ from stvfm_engine.serving.oip import (
 )
 
 PLATFORM = "stvfm-engine"
-GRPC_GRACE_S = 5.0  # the gRPC deadline of a forwarded request beyond --request-timeout-ms (Triton's own comes first)
+GRPC_SERVICE = "inference.GRPCInferenceService"
+# tritonserver's gRPC methods that the public gRPC port does not serve (the HTTP front serves none of them either)
+NOT_PUBLIC = ("ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+              "RepositoryModelUnload", "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
+              "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus", "CudaSharedMemoryRegister",
+              "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings")
 _MODEL_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?")
 _REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")
 
@@ -53,11 +58,17 @@ _REQUEST_ID = re.compile(r"^\[request id: [^\]]*\] ")
 @dataclass(frozen=True)
 class Limits:
     """What a request may take: ``max_request_bytes`` of body, ``request_timeout_s`` from arrival to
-    answer, and a place among ``max_queue`` queued requests per model (named in refusals)."""
+    answer, and a place among ``max_queue`` waiting requests per model (named in refusals) beyond the
+    ``running`` ones that model's instances take at once."""
 
     max_request_bytes: int
     request_timeout_s: float
     max_queue: dict[str, int]
+    running: dict[str, int] = field(default_factory=dict)
+
+    def admitted(self, model: str) -> int:
+        """Requests of ``model`` held at once (running and waiting); one more is refused at once."""
+        return self.max_queue[model] + self.running.get(model, 0)
 
     @property
     def max_in_flight(self) -> int:
@@ -96,6 +107,7 @@ class Front:
         self.warm = False
         self.draining = False
         self.in_flight = 0
+        self.held = {name: 0 for name in self.models}  # admitted requests of each model not yet answered
         self.body_bytes = 0  # reserved by the requests whose bodies are being read
         self._answered: Optional[asyncio.Event] = None
         self.channel, self.stub = None, None
@@ -128,7 +140,7 @@ class Front:
             request.inputs.add(name=name, datatype=DATATYPES[array.dtype], shape=array.shape)
             request.raw_input_contents.append(serialize_bytes(array) if array.dtype == object else array.tobytes())
         try:
-            response = await self.stub.ModelInfer(request, timeout=self.limits.request_timeout_s + GRPC_GRACE_S)
+            response = await self.stub.ModelInfer(request, timeout=self.limits.request_timeout_s)
         except grpc.aio.AioRpcError as e:
             return self._refusal(model, e)
         return {t.name: deserialize_bytes(raw, t.shape) if t.datatype == "BYTES" else
@@ -155,6 +167,28 @@ class Front:
             message = f"model {model.name!r} is not available: {message}"
         return status, message.split(" NOTE: ")[0]
 
+    def admit(self, model: ServedModel) -> Optional[str]:
+        """Take a place for a request of ``model`` (:meth:`release` gives it back), or the refusal: the model
+        holds ``--max-queue`` waiting requests beyond those its instances run."""
+        if self.held[model.name] >= self.limits.admitted(model.name):
+            return (f"model {model.name!r}: queue full ({self.limits.max_queue[model.name]} requests waiting, "
+                    "--max-queue); retry later")
+        self.held[model.name] += 1
+        return None
+
+    def release(self, model: ServedModel) -> None:
+        self.held[model.name] -= 1
+
+    def accept(self) -> None:
+        """A request accepted (answered before the drain may end: :meth:`answered`)."""
+        self.in_flight += 1
+        self._answered.clear()
+
+    def answered(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._answered.set()
+
     async def wait_answered(self, timeout_s: float) -> int:
         """Wait until every accepted request is answered, at most ``timeout_s``; returns how many are not."""
         with contextlib.suppress(asyncio.TimeoutError):
@@ -164,14 +198,11 @@ class Front:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
-        self.in_flight += 1
-        self._answered.clear()
+        self.accept()
         try:
             await self._handle(scope, receive, send)
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._answered.set()
+            self.answered()
 
     async def _handle(self, scope, receive, send) -> None:
         path, method = scope["path"].rstrip("/"), scope["method"]
@@ -202,6 +233,14 @@ class Front:
             return await _send(send, 200 if ready else 503, b"" if ready else error_body(f"{name} is not ready"))
         if method != "POST":
             return await _send(send, 405, error_body("infer takes POST"))
+        if refusal := self.admit(model):  # at once, before the body is read
+            return await _send(send, 503, error_body(refusal), close=True)
+        try:
+            await self._infer(model, scope, receive, send)
+        finally:
+            self.release(model)
+
+    async def _infer(self, model: ServedModel, scope, receive, send) -> None:
         headers = dict((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
         try:
             size = check_content_length(headers.get("content-length"), self.limits.max_request_bytes)
@@ -226,6 +265,138 @@ class Front:
             return await _send(send, status, error_body(message), close=status == 503)
         body, extra = encode_response(model, outputs, binary)
         await _send(send, 200, body, extra)
+
+
+class GrpcFront:
+    """The public gRPC port: the core of Triton's ``GRPCInferenceService`` (health, metadata, ``ModelInfer``)
+    answered with the :class:`Front`'s admission, drain and deadline, each infer forwarded to ``tritonserver``
+    as it came (bytes in, bytes out: tritonserver's protobuf decoder checks the tensors and refuses lying
+    shapes with INVALID_ARGUMENT). A full queue or a drain is UNAVAILABLE at once, a request past
+    ``--request-timeout-ms`` DEADLINE_EXCEEDED; the other methods (model config with its parameters,
+    statistics, repository, shared memory, trace, logging, streaming) are UNIMPLEMENTED."""
+
+    def __init__(self, front: Front):
+        self.front = front
+        self.server = None
+
+    async def start(self, host: str, port: int) -> None:
+        import grpc
+
+        size = self.front.limits.max_request_bytes + 2 ** 20
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", size),
+                                               ("grpc.max_send_message_length", size)])
+        handlers = {"ServerLive": self._live, "ServerReady": self._ready, "ModelReady": self._model_ready,
+                    "ServerMetadata": self._forwarded("ServerMetadata"),
+                    "ModelMetadata": self._forwarded("ModelMetadata", model_request="ModelMetadataRequest"),
+                    "ModelInfer": self._infer}
+        handlers.update({name: self._not_public(name) for name in NOT_PUBLIC})
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GRPC_SERVICE, {
+            name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in handlers.items()}),))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = self.server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise ServeError(f"cannot listen on {address} (gRPC): another server holds the port? pick another with "
+                             "--grpc-port")
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            await server.stop(grace=1.0)
+
+    def _call(self, method: str):
+        """A unary call of tritonserver's ``method`` taking and giving serialized messages."""
+        return self.front.channel.unary_unary(f"/{GRPC_SERVICE}/{method}")
+
+    async def _live(self, raw: bytes, context) -> bytes:
+        from tritonclient.grpc import service_pb2
+
+        return service_pb2.ServerLiveResponse(live=True).SerializeToString()
+
+    async def _ready(self, raw: bytes, context) -> bytes:
+        from tritonclient.grpc import service_pb2
+
+        ready = self.front.warm and not self.front.draining and await self.front.triton_ready()
+        return service_pb2.ServerReadyResponse(ready=ready).SerializeToString()
+
+    async def _model_ready(self, raw: bytes, context) -> bytes:
+        from tritonclient.grpc import service_pb2
+
+        name = (await _parse(context, service_pb2.ModelReadyRequest, raw)).name
+        ready = name in self.front.models and self.front.warm and not self.front.draining \
+            and await self.front.triton_ready()
+        return service_pb2.ModelReadyResponse(ready=ready).SerializeToString()
+
+    def _forwarded(self, method: str, model_request: Optional[str] = None):
+        async def handler(raw: bytes, context) -> bytes:
+            import grpc
+            from tritonclient.grpc import service_pb2
+
+            if model_request is not None:
+                name = (await _parse(context, getattr(service_pb2, model_request), raw)).name
+                if name not in self.front.models:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name[:100]!r}; served: "
+                                        f"{sorted(self.front.models)}")
+            try:
+                return await self._call(method)(raw, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                await context.abort(e.code(), e.details() or "")
+        return handler
+
+    def _not_public(self, method: str):
+        async def handler(raw: bytes, context) -> bytes:
+            import grpc
+
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not public on this server (stvfm-engine "
+                                "serves the core of the inference protocol: health, metadata, ModelInfer)")
+        return handler
+
+    async def _infer(self, raw: bytes, context) -> bytes:
+        import grpc
+        from tritonclient.grpc import service_pb2
+
+        front = self.front
+        if front.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        name = (await _parse(context, service_pb2.ModelInferRequest, raw)).model_name
+        model = front.models.get(name)
+        if model is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name[:100]!r}; served: "
+                                f"{sorted(front.models)}")
+        if not front.warm:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not ready")
+        if refusal := front.admit(model):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+        front.accept()
+        try:
+            return await self._call("ModelInfer")(raw, timeout=front.limits.request_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                message = (f"model {name!r}: not answered within {front.limits.request_timeout_s * 1000:.0f} ms "
+                           "(--request-timeout-ms)")
+            else:
+                message = _REQUEST_ID.sub("", e.details() or "").split(" NOTE: ")[0]
+                if code == grpc.StatusCode.NOT_FOUND:  # unloaded in tritonserver's shutdown: unavailable
+                    code, message = grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not available: {message}"
+            await context.abort(code, message)
+        finally:
+            front.release(model)
+            front.answered()
+
+
+async def _parse(context, message_class, raw: bytes):
+    """A request message of the public gRPC port; not one: INVALID_ARGUMENT."""
+    import grpc
+    from google.protobuf.message import DecodeError
+
+    try:
+        return message_class.FromString(raw)
+    except DecodeError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a {message_class.__name__} ({e})")
 
 
 async def _send(send, status: int, body: bytes, headers: Optional[dict[str, str]] = None, close: bool = False) -> None:

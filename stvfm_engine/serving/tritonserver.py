@@ -11,6 +11,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,7 +32,7 @@ from stvfm_engine.serving.lifecycle import (
     loopback,
 )
 from stvfm_engine.serving.models import ServedModel
-from stvfm_engine.serving.tritonserver_repo import QueuePolicy, write_serving_repository
+from stvfm_engine.serving.tritonserver_repo import write_serving_repository
 
 STOP_TIMEOUT_S = 9.0  # tritonserver's SIGTERM to exit, all its processes included, once nothing is in flight
 PYTHON_ENVS = Path("/tmp/python_env_*")  # made by Triton's Python backend at start, whatever TMPDIR says
@@ -122,11 +123,12 @@ class TritonProcess:
     """A running ``tritonserver`` in its own process group (its Python-backend stubs included)."""
 
     def __init__(self, found: Bundle, repository: Path, backends: Path, options: TritonOptions,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), grpc: Optional[tuple[str, int]] = None):
         o = options
+        grpc_host, grpc_port = grpc or (o.host, o.grpc_port)
         args = [str(found.binary), f"--model-repository={repository}", f"--backend-directory={backends}",
                 f"--http-address={o.host}", f"--http-port={o.http_port}",
-                f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
+                f"--grpc-address={grpc_host}", f"--grpc-port={grpc_port}",
                 f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
                 "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
                 f"--exit-timeout-secs={math.ceil(o.drain_timeout_s) + 1}", f"--log-info={str(o.verbose).lower()}", *extra_args]
@@ -227,9 +229,11 @@ def _group_alive(pgid: int) -> bool:
 
 
 
-def queue_policies(models: Sequence[ServedModel], options: TritonOptions) -> dict[str, QueuePolicy]:
-    return {m.name: QueuePolicy(options.max_queue or DEFAULT_QUEUE_PER_BATCH * m.max_batch,
-                                int(options.request_timeout_ms * 1000)) for m in models}
+def admission(models: Sequence[ServedModel], options: TritonOptions) -> tuple[dict[str, int], dict[str, int]]:
+    """Per model: requests that may wait (``--max-queue``, default 8 x max batch) and requests that may run at
+    once (max batch x instances: a batch of batch-1 requests on every instance)."""
+    return ({m.name: options.max_queue or DEFAULT_QUEUE_PER_BATCH * m.max_batch for m in models},
+            {m.name: m.max_batch * options.instances for m in models})
 
 
 def serve_triton(models: Sequence[ServedModel], options: TritonOptions = TritonOptions()) -> int:
@@ -243,17 +247,27 @@ def serve_triton(models: Sequence[ServedModel], options: TritonOptions = TritonO
     listener = listen(options.host, options.http_port)  # before anything starts: a held port is exit 2 here
     try:
         check_free(options.host, (options.grpc_port, options.metrics_port))
-        queues = queue_policies(models, options)
-        limits = Limits(int(options.max_request_mb * 2 ** 20), options.request_timeout_ms / 1000,
-                        {name: q.max_queue for name, q in queues.items()})
+        private = free_loopback_port()  # tritonserver's own gRPC: loopback only, behind the front
+        waiting, running = admission(models, options)
+        limits = Limits(int(options.max_request_mb * 2 ** 20), options.request_timeout_ms / 1000, waiting, running)
         with tempfile.TemporaryDirectory(prefix="stvfm-serve-") as tmp:
+            # no queue policy in tritonserver: any makes its dynamic batcher (2.51) wait for a free instance in a
+            # way that misses the wake-up now and then, holding a request its full 500 ms idle wait; the front
+            # admits requests (--max-queue) and enforces their deadline instead
             repository = write_serving_repository(models, Path(tmp) / "models", int(options.max_queue_delay_ms * 1000),
-                                                  options.instances, queues)
+                                                  options.instances, backbone_timeout_us=int(options.request_timeout_ms * 1000))
             backends = backend_directory(found, Path(tmp) / "backends")
-            front = Front(models, f"{loopback(options.host)}:{options.grpc_port}", limits)
-            return run_loop(_serve(models, options, found, repository, backends, front, listener))
+            front = Front(models, f"127.0.0.1:{private}", limits)
+            return run_loop(_serve(models, options, found, repository, backends, front, listener, private))
     finally:
         listener.close()
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a child that binds it itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_loop(coro):
@@ -268,8 +282,8 @@ def run_loop(coro):
 
 
 async def _serve(models, options: TritonOptions, found: Bundle, repository: Path, backends: Path, front,
-                 listener) -> int:
-    from stvfm_engine.serving.front import http_server
+                 listener, private_grpc_port: int) -> int:
+    from stvfm_engine.serving.front import GrpcFront, http_server
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -286,10 +300,12 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
     extra = ["--allow-http=false",
              f"--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:{LOCKED}={secrets.token_hex(16)}"]
     log(f"starting Triton Inference Server (nvidia-pytriton {found.version}) with {describe(list(models))}")
-    server = TritonProcess(found, repository, backends, options, extra)
+    server = TritonProcess(found, repository, backends, options, extra, grpc=("127.0.0.1", private_grpc_port))
     web = None
+    grpc_front = GrpcFront(front)
     try:
         await front.connect()
+        await grpc_front.start(options.host, options.grpc_port)  # a held port: one line, exit 2, before ready
         if not await _until(front.triton_ready, stop, server, options.ready_timeout_s, "tritonserver ready"):
             return 0
         await _warm_up(front, models, stop, server)
@@ -320,11 +336,12 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
         log(f"{signals[0]}: draining: {front.in_flight} request(s) in flight; new ones are refused (HTTP 503, "
             "gRPC UNAVAILABLE)")
         started = time.monotonic()
-        server.terminate()  # tritonserver refuses new gRPC requests (UNAVAILABLE) and finishes what it holds
-        left = await front.wait_answered(options.drain_timeout_s)
+        left = await front.wait_answered(options.drain_timeout_s)  # new requests: 503 / UNAVAILABLE meanwhile
+        server.terminate()  # nothing of ours is in tritonserver any more
         web.should_exit = True
         await serving
         web = None
+        await grpc_front.stop()
         code = await asyncio.to_thread(server.stop, max(1.0, started + options.drain_timeout_s - time.monotonic()))
         if left:
             log(f"drain timeout ({options.drain_timeout_s:g} s, --drain-timeout) expired with {left} request(s) "
@@ -338,6 +355,7 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
     finally:
         if web is not None:
             web.should_exit = web.force_exit = True
+        await grpc_front.stop()
         await front.close()
         if server.proc.poll() is None:
             await asyncio.to_thread(server.stop)

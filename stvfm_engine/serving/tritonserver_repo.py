@@ -95,13 +95,15 @@ def _write_config(model_dir: Path, cfg) -> None:
 
 
 def write_serving_repository(models: Sequence[ServedModel], root: Path, max_queue_delay_us: int,
-                             instances: int = 1, queues: Optional[dict[str, QueuePolicy]] = None) -> Path:
+                             instances: int = 1, queues: Optional[dict[str, QueuePolicy]] = None,
+                             backbone_timeout_us: int = 0) -> Path:
     """Python-backend models in ``root`` that open the engine directories where they are (no copies),
-    each admitting requests by ``queues[name]``.
+    each admitting requests by ``queues[name]`` if given (``serve`` gives none: its front admits them,
+    see :mod:`~stvfm_engine.serving.front`).
 
     The models of a multi-model directory share one backbone model (:func:`backbone_models`): each of
     them runs its own parts and sends its backbone pass there as a BLS request, which gives up after
-    the model's queue timeout (``backbone_timeout_us``)."""
+    ``backbone_timeout_us`` (else the model's queue timeout; 0: never)."""
     shared = backbone_models(models)
     queues = queues or {}
     for model in models:
@@ -109,8 +111,9 @@ def write_serving_repository(models: Sequence[ServedModel], root: Path, max_queu
         queue = queues.get(model.name)
         if model.directory in shared:
             params["backbone_model"] = shared[model.directory]
-            if queue is not None:
-                params["backbone_timeout_us"] = str(queue.timeout_us)
+            timeout_us = backbone_timeout_us or (queue.timeout_us if queue is not None else 0)
+            if timeout_us:
+                params["backbone_timeout_us"] = str(timeout_us)
         _write_python_model(root / model.name, model_config(model, PYTHON, params, max_queue_delay_us, instances,
                                                             queue=queue))
     for directory, name in shared.items():
