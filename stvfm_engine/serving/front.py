@@ -45,6 +45,7 @@ from stvfm_engine.serving.oip import (
 )
 
 PLATFORM = "stvfm-engine"
+LINGER_S = 0.5  # at the end of a drain: how long accepted connections may take to deliver their request
 GRPC_SERVICE = "inference.GRPCInferenceService"
 # tritonserver's gRPC methods that the public gRPC port does not serve (the HTTP front serves none of them either)
 NOT_PUBLIC = ("ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
@@ -421,6 +422,19 @@ def http_server(app, listener: socket.socket):
         @contextlib.contextmanager
         def capture_signals(self):  # serve drains on SIGTERM/SIGINT, then sets should_exit
             yield
+
+        async def shutdown(self, sockets=None):
+            """Stop accepting, then give the connections already accepted (each carries at most one request:
+            every answer of a drain closes its connection) up to :data:`LINGER_S` to deliver it and have it
+            answered (503), before uvicorn closes the rest: a request on its way is refused, not reset."""
+            for server in self.servers:
+                server.close()
+            for sock in sockets or []:
+                sock.close()
+            deadline = asyncio.get_running_loop().time() + LINGER_S
+            while self.server_state.connections and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            await super().shutdown()
 
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, server_header=False,
                             timeout_graceful_shutdown=2, timeout_keep_alive=5)
