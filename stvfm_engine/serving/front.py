@@ -1,8 +1,14 @@
-"""The public HTTP port of ``serve`` (Triton): the v2 core HTTP API answered by the project's strict
+"""The public ports of ``serve`` (Triton). HTTP: the v2 core HTTP API answered by the project's strict
 decoder (:mod:`stvfm_engine.serving.oip`) on uvicorn, each infer request forwarded to ``tritonserver``
-over loopback gRPC with binary tensors. ``tritonserver``'s own HTTP endpoint is off, so its JSON parser
-never sees a request; its other HTTP extensions (statistics, repository, shared memory, trace, logging)
-are not served at all.
+over loopback gRPC with binary tensors. gRPC (:class:`GrpcFront`): the core of Triton's gRPC service,
+each infer forwarded as it came. ``tritonserver``'s own HTTP endpoint is off and its gRPC endpoint
+listens on a private loopback port, so no client reaches it; its other extensions (statistics,
+repository, shared memory, trace, logging, model config) are not served on either port.
+
+Admission is the front's, for both ports: a model holds at most ``--max-queue`` waiting requests
+beyond those its instances run (max batch x instances); one more is refused at once (HTTP 503 before
+its body is read, gRPC UNAVAILABLE), and a request not answered within ``--request-timeout-ms`` is
+504 / DEADLINE_EXCEEDED. ``tritonserver`` itself gets no queue policy (see ``serve_triton``).
 
 Served: ``GET /v2/health/live``, ``/v2/health/ready`` (200 once every model is warm, 503 while
 draining or when ``tritonserver`` is not ready), ``/v2`` (server metadata), ``/v2/models/{name}``

@@ -36,6 +36,7 @@ from stvfm_engine.serving.tritonserver_repo import write_serving_repository
 
 STOP_TIMEOUT_S = 9.0  # tritonserver's SIGTERM to exit, all its processes included, once nothing is in flight
 PYTHON_ENVS = Path("/tmp/python_env_*")  # made by Triton's Python backend at start, whatever TMPDIR says
+DRAIN_GRACE_S = 2.0  # a drain keeps answering refusals at least this long after the signal
 WATCH_S = 0.2  # how often serve checks that tritonserver lives (it stops within 5 s of a death)
 DEFAULT_QUEUE_PER_BATCH = 8  # --max-queue default: 8 x max batch per model
 # Harmless lines of a CPU-only machine, shown only with --verbose
@@ -338,6 +339,10 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
         started = time.monotonic()
         left = await front.wait_answered(options.drain_timeout_s)  # new requests: 503 / UNAVAILABLE meanwhile
         server.terminate()  # nothing of ours is in tritonserver any more
+        # the ports keep refusing (503 / UNAVAILABLE) for DRAIN_GRACE_S after the signal at least: a client or
+        # load balancer with a request on its way gets a refusal, not a closed port
+        grace = min(DRAIN_GRACE_S, options.drain_timeout_s)
+        await asyncio.sleep(max(0.0, started + grace - time.monotonic()))
         web.should_exit = True
         await serving
         web = None
