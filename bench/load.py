@@ -196,8 +196,9 @@ def run_load(url: str, model: str, concurrency: Sequence[int] = (1, 4, 16), dura
     machine, adds the offline comparison; ``floor`` (:func:`measure_floor`'s report) the targets.
 
     ``floor_app`` (a running :class:`FloorApp`) measures the floor side by side instead: each level is
-    ``rounds`` rounds of blocks of ``duration_s / rounds`` each, the floor app, the server and (with
-    ``offline``) ``Engine.predict`` at batch 1 (one client) or 8, the order alternating by round and a
+    ``rounds`` rounds of blocks of ``duration_s / rounds`` each (and ``max_requests / rounds`` requests at
+    most): the floor app and the server, their order alternating by round, then (with ``offline``)
+    ``Engine.predict`` at the request's batch (one client) or 8 (the throughput target's batch), a
     ``pause_s`` pause before each block; each side's blocks are pooled (latencies, and requests over wall
     time), and the targets come from the pooled figures of one run."""
     check_loopback(url)
@@ -250,7 +251,8 @@ def _side_by_side(report: dict, url: str, model: str, arrays: dict[str, np.ndarr
                   body_kind: str, expected: Optional[np.ndarray], offline: Optional[Callable[[int], dict]],
                   floor_app: "FloorApp", rounds: int, pause_s: float, log: Callable[[str], None]) -> dict:
     """:func:`run_load` with the floor measured in blocks interleaved with the server's (see there)."""
-    block_s = duration_s / rounds
+    block_s, block_requests = duration_s / rounds, max(1, max_requests // rounds)
+    batch = len(next(iter(arrays.values())))
     floor_rows, offline_runs = [], {}
     for n in concurrency:
         blocks: dict[str, list] = {"server": [], "floor": []}
@@ -258,13 +260,13 @@ def _side_by_side(report: dict, url: str, model: str, arrays: dict[str, np.ndarr
             for who in (("floor", "server") if r % 2 == 0 else ("server", "floor")):
                 time.sleep(pause_s)
                 if who == "floor":
-                    blocks[who].append(_level(floor_app.url, model, arrays, n, block_s, max_requests, warmup,
+                    blocks[who].append(_level(floor_app.url, model, arrays, n, block_s, block_requests, warmup,
                                               timeout_s, None, "json"))
                 else:
-                    blocks[who].append(_level(url, model, arrays, n, block_s, max_requests, warmup, timeout_s,
+                    blocks[who].append(_level(url, model, arrays, n, block_s, block_requests, warmup, timeout_s,
                                               metrics_url, body_kind, expected))
             if offline is not None:  # its schedule pauses before each of its own blocks
-                b = 1 if n == 1 else 8
+                b = batch if n == 1 else 8
                 offline_runs.setdefault(b, []).append(offline(b))
         row, floor_row = _merge(blocks["server"]), _merge(blocks["floor"])
         log(f"concurrency {n}: {row['requests']} requests, {row['errors']} errors, {row['throughput']:.1f} samples/s "
@@ -278,7 +280,7 @@ def _side_by_side(report: dict, url: str, model: str, arrays: dict[str, np.ndarr
         report["offline_interleaved"] = {str(b): {k: v for k, v in p.items() if k != "samples_ms"}
                                          for b, p in pooled.items()}
         for row in report["results"]:
-            b = 1 if row["concurrency"] == 1 else 8
+            b = batch if row["concurrency"] == 1 else 8
             ref = pooled[b]
             row.update(offline_batch=b, offline_p50_ms=ref["p50_ms"], offline_throughput=ref["throughput"],
                        served_vs_offline=row["throughput"] / ref["throughput"])
@@ -437,8 +439,8 @@ def format_load_table(report: dict) -> str:
                      "(served p50 - direct Engine.predict p50)")
     if "floor" in report:
         f = report["floor"]
-        lines.append(f"floor: {f['app']}, " + (f"side by side: {f['rounds']} rounds of blocks (floor, server, "
-                     f"Engine.predict), the order alternating, {f['pause_s']:g} s pause before each" if
+        lines.append(f"floor: {f['app']}, " + (f"side by side: {f['rounds']} rounds of blocks (floor and server "
+                     f"in alternating order, then Engine.predict), {f['pause_s']:g} s pause before each" if
                      f.get("side_by_side") else "measured alone before the server"))
     for name, t in report.get("targets", {}).items():
         if isinstance(t, dict):

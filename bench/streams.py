@@ -209,6 +209,8 @@ def run_served(engine_dir: str, server: str = "triton", streams: int = 1000, cli
             ports += [p for p in [free_port()] if p not in ports]
         args = [str(engine_dir), "--name", "m", "--http-port", str(ports[0]), "--state-dir", tmp,
                 "--max-queue", str(max(64, 4 * clients))]
+        if not c.uses_time:
+            args += ["--stream-interval", "1800"]
         args += ["--ray"] if server == "ray" else ["--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
         if threads:
             args += ["--threads", str(threads)]
@@ -219,7 +221,7 @@ def run_served(engine_dir: str, server: str = "triton", streams: int = 1000, cli
             walls = {"streams": 0.0, "windows": 0.0}
             sent = {"streams": 0, "windows": 0}
             received = {"streams": 0, "windows": 0}
-            max_diff, errors = 0.0, []
+            max_diff, errors, lock = 0.0, [], threading.Lock()
 
             def drive(path: str, bodies: dict[str, bytes], out: dict[str, np.ndarray]) -> float:
                 todo: queue.Queue = queue.Queue()
@@ -237,14 +239,18 @@ def run_served(engine_dir: str, server: str = "triton", streams: int = 1000, cli
                                 return
                             t0 = time.perf_counter()
                             status, answer = conn.post(f"/v2/models/{model}/infer", bodies[n])
-                            timings[path].append((time.perf_counter() - t0) * 1e3)
-                            if status != 200:
-                                errors.append(f"{path} {n}: HTTP {status} {answer[:200]!r}")
-                                continue
-                            received[path] += len(answer)
+                            with lock:
+                                timings[path].append((time.perf_counter() - t0) * 1e3)
+                                if status != 200:
+                                    errors.append(f"{path} {n}: HTTP {status} {answer[:200]!r}")
+                                    continue
+                                received[path] += len(answer)
                             doc = json.loads(answer)
                             y = next(o for o in doc["outputs"] if o["name"] == "y")
                             out[n] = np.asarray(y["data"], np.float32).reshape(y["shape"])[0]
+                    except Exception as e:  # noqa: BLE001 - a connection error fails the bench, named below
+                        with lock:
+                            errors.append(f"{path}: {type(e).__name__}: {e}")
                     finally:
                         conn.close()
 

@@ -269,7 +269,7 @@ def test_only_the_core_api_is_public(server):
 
     with tg.InferenceServerClient(server["grpc"]) as client:
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("m")
-        assert client.get_server_metadata(as_json=True)["name"] == "triton"
+        assert client.get_server_metadata(as_json=True)["name"] == "stvfm-engine"  # what the HTTP port says
         assert [t["name"] for t in client.get_model_metadata("m", as_json=True)["inputs"]] == ["x", "tod", "dow"]
         for call in (lambda: client.get_model_config("m"), lambda: client.get_inference_statistics("m"),
                      lambda: client.get_model_repository_index(), lambda: client.unload_model("m"),

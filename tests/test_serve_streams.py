@@ -301,3 +301,35 @@ def test_the_decoder_takes_bytes_tensors_strictly(engine_dir, tmp_path):
         assert arrays["stream"].shape == tuple(shape) and all(type(v) is bytes for v in arrays["stream"].ravel())
 
     fuzz()
+
+
+@pytest.mark.slow
+def test_the_companions_of_a_multi_model_directory_on_triton(tmp_path):
+    """A multi-model directory's companions share the directory's backbone model (BLS from the companion's
+    worker): warmed inside Triton's execute, and their forecasts are Engine.predict's of their own model."""
+    pytest.importorskip("pytriton", reason="the serve extra is not installed: pip install 'stvfm-engine[serve]'")
+    from stvfm_engine.export.multi_build import build_multi_engine
+
+    pair = [write_checkpoint(tmp_path / f"{n}.pt", CONFIG, seed=s, mean=m, std=[1.5, 4.0])
+            for n, s, m in (("north", 5, [2.0, 5.0]), ("south", 5, [9.0, 3.0]))]
+    directory = build_multi_engine(pair, tmp_path / "regions", backends=["onnxruntime"], max_batch=MAX_BATCH,
+                                   progress=False, cache_dir=tmp_path / "cache")
+    engine = Engine.load(directory, backend="onnxruntime", threads=1)
+    state = tmp_path / "state"
+    state.mkdir()
+    ports = free_ports(3)
+    proc = ServerProcess(["serve", str(directory), "--backend", "onnxruntime", "--threads", "1", "--http-port",
+                          str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                          "--state-dir", str(state)])
+    proc.wait_ready(timeout_s=300)
+    url = f"http://127.0.0.1:{ports[0]}"
+    try:
+        for model in ("north", "south"):
+            frames, times = [frame(model, k) for k in range(T)], [START + k * STEP for k in range(T)]
+            for when, x in zip(times, frames):
+                status, doc = post(url, f"{model}_stream", body(f"{model}-a", when, x))
+                assert status == 200, doc
+            want = engine.predict(np.stack(frames)[None], *features(times), model=model)[0]
+            assert rel_err(outputs(doc)[0], want) <= 1e-6 and outputs(doc)[2] == T
+    finally:
+        assert proc.stop() == 0, proc.stderr()[-2000:]

@@ -97,6 +97,9 @@ def _stream_companions(args: argparse.Namespace, models: list) -> list:
         log(note)
     if not companions:
         raise ServeError("no served model can keep forecast streams: " + "; ".join(notes))
+    if clash := sorted({m.name for m in models} & {c.name for c in companions}):
+        raise ServeError(f"served model name(s) {clash} would also name a stream companion (M_stream); name the "
+                         "models apart with --name")
     return companions
 
 

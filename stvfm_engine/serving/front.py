@@ -51,6 +51,7 @@ from stvfm_engine.serving.oip import (
 )
 
 PLATFORM = "stvfm-engine"
+LOCKED_HEADER = "stvfm-serve-locked"  # the header (gRPC metadata) that opens tritonserver's private gRPC port
 LINGER_S = 0.5  # at the end of a drain: how long accepted connections may take to deliver their request
 GRPC_SERVICE = "inference.GRPCInferenceService"
 # tritonserver's gRPC methods that the public gRPC port does not serve (the HTTP front serves none of them either)
@@ -79,9 +80,9 @@ class Limits:
 
     @property
     def max_in_flight(self) -> int:
-        """Requests in progress in the front at once (reading, queued in Triton, running): every queue full
-        twice over, and 64 to spare; beyond it a request is refused at once with 503."""
-        return 2 * sum(self.max_queue.values()) + 64
+        """Requests in progress in the front at once (reading, queued in Triton, running): every model's
+        admitted requests twice over, and 64 to spare; beyond it a request is refused at once with 503."""
+        return 2 * sum(self.admitted(m) for m in self.max_queue) + 64
 
     @property
     def body_budget_bytes(self) -> int:
@@ -106,8 +107,11 @@ class Front:
     ``warm`` is set once every model has run (``serve`` warms them first), ``draining`` on SIGTERM/SIGINT;
     ``in_flight`` counts the requests accepted and not yet answered (:meth:`wait_answered`)."""
 
-    def __init__(self, models: Sequence[ServedModel], target: str, limits: Limits):
+    def __init__(self, models: Sequence[ServedModel], target: str, limits: Limits, token: str = ""):
         self.models = {m.name: m for m in models}
+        # tritonserver's gRPC endpoint answers only calls that carry this header (--grpc-restricted-protocol)
+        self.call_metadata = ((f"triton-grpc-protocol-{LOCKED_HEADER}", token),) if token else None
+        self.started = False  # warm once: set after the warm-up, never cleared (warm follows the workers)
         self.metadata = {m.name: json.dumps(model_metadata(m, PLATFORM)).encode() for m in models}
         self.target = target
         self.limits = limits
@@ -133,12 +137,14 @@ class Front:
         from tritonclient.grpc import service_pb2
 
         try:
-            return (await self.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2)).ready
+            return (await self.stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2,
+                                                metadata=self.call_metadata)).ready
         except grpc.aio.AioRpcError:
             return False
 
-    async def infer(self, model: ServedModel, arrays: dict[str, np.ndarray]):
-        """``{output name: array}`` from ``tritonserver``, or ``(status, message)`` when it refuses."""
+    async def infer(self, model: ServedModel, arrays: dict[str, np.ndarray], timeout_s: Optional[float] = None):
+        """``{output name: array}`` from ``tritonserver``, or ``(status, message)`` when it refuses;
+        ``timeout_s`` (default ``--request-timeout-ms``) for tritonserver to answer."""
         import grpc
         from tritonclient.grpc import service_pb2
 
@@ -147,7 +153,8 @@ class Front:
             request.inputs.add(name=name, datatype=DATATYPES[array.dtype], shape=array.shape)
             request.raw_input_contents.append(serialize_bytes(array) if array.dtype == object else array.tobytes())
         try:
-            response = await self.stub.ModelInfer(request, timeout=self.limits.request_timeout_s)
+            response = await self.stub.ModelInfer(request, timeout=self.limits.request_timeout_s if timeout_s is None
+                                                  else timeout_s, metadata=self.call_metadata)
         except grpc.aio.AioRpcError as e:
             return self._refusal(model, e)
         return {t.name: deserialize_bytes(raw, t.shape) if t.datatype == "BYTES" else
@@ -215,14 +222,14 @@ class Front:
         path, method = scope["path"].rstrip("/"), scope["method"]
         if self.draining:
             return await _send(send, 503, error_body("the server is shutting down"), close=True)
-        if self.in_flight > self.limits.max_in_flight:  # counts this one
-            return await _send(send, 503, error_body(f"busy: {self.in_flight - 1} requests in progress; retry later"),
-                                close=True)
-        if path == "/v2/health/live":
+        if path == "/v2/health/live":  # health first: a load balancer's probe is answered however busy
             return await _send(send, 200, b"")
         if path == "/v2/health/ready":
             ready = self.warm and await self.triton_ready()
             return await _send(send, 200 if ready else 503, b"" if ready else error_body("not ready"))
+        if self.in_flight > self.limits.max_in_flight:  # counts this one
+            return await _send(send, 503, error_body(f"busy: {self.in_flight - 1} requests in progress; retry later"),
+                                close=True)
         if path == "/v2":
             return await _send(send, 200, json.dumps({"name": PLATFORM, "version": __version__,
                                                       "extensions": ["binary_tensor_data"]}).encode())
@@ -242,12 +249,18 @@ class Front:
             return await _send(send, 405, error_body("infer takes POST"))
         if refusal := self.admit(model):  # at once, before the body is read
             return await _send(send, 503, error_body(refusal), close=True)
+        deadline = asyncio.get_running_loop().time() + self.limits.request_timeout_s  # from arrival to answer
         try:
-            await self._infer(model, scope, receive, send)
+            await self._infer(model, scope, receive, send, deadline)
         finally:
             self.release(model)
 
-    async def _infer(self, model: ServedModel, scope, receive, send) -> None:
+    def _late(self, model: ServedModel) -> bytes:
+        return error_body(f"model {model.name!r}: not answered within {self.limits.request_timeout_s * 1000:.0f} ms "
+                          "(--request-timeout-ms)")
+
+    async def _infer(self, model: ServedModel, scope, receive, send, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
         headers = dict((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
         try:
             size = check_content_length(headers.get("content-length"), self.limits.max_request_bytes)
@@ -259,14 +272,17 @@ class Front:
             return await _send(send, 503, error_body(f"busy: {self.body_bytes} bytes of request bodies are being "
                                                      "read; retry later"), close=True)
         self.body_bytes += reserved
-        try:
-            body = await read_body(asgi_chunks(receive), headers.get("content-length"), self.limits.max_request_bytes)
+        try:  # a body that does not arrive in time holds its place no longer than the deadline
+            body = await asyncio.wait_for(read_body(asgi_chunks(receive), headers.get("content-length"),
+                                                    self.limits.max_request_bytes), max(0.0, deadline - loop.time()))
             arrays, binary = decode_request(model, body, headers.get(HEADER_LENGTH))
         except ProtocolError as e:
             return await _send(send, http_status(e), error_body(str(e)))
+        except asyncio.TimeoutError:
+            return await _send(send, 504, self._late(model), close=True)
         finally:
             self.body_bytes -= reserved
-        outputs = await self.infer(model, arrays)
+        outputs = await self.infer(model, arrays, max(0.001, deadline - loop.time()))
         if isinstance(outputs, tuple):
             status, message = outputs
             return await _send(send, status, error_body(message), close=status == 503)
@@ -293,8 +309,7 @@ class GrpcFront:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", size),
                                                ("grpc.max_send_message_length", size)])
         handlers = {"ServerLive": self._live, "ServerReady": self._ready, "ModelReady": self._model_ready,
-                    "ServerMetadata": self._forwarded("ServerMetadata"),
-                    "ModelMetadata": self._forwarded("ModelMetadata", model_request="ModelMetadataRequest"),
+                    "ServerMetadata": self._server_metadata, "ModelMetadata": self._model_metadata,
                     "ModelInfer": self._infer}
         handlers.update({name: self._not_public(name) for name in NOT_PUBLIC})
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GRPC_SERVICE, {
@@ -337,21 +352,27 @@ class GrpcFront:
             and await self.front.triton_ready()
         return service_pb2.ModelReadyResponse(ready=ready).SerializeToString()
 
-    def _forwarded(self, method: str, model_request: Optional[str] = None):
-        async def handler(raw: bytes, context) -> bytes:
-            import grpc
-            from tritonclient.grpc import service_pb2
+    async def _server_metadata(self, raw: bytes, context) -> bytes:
+        from tritonclient.grpc import service_pb2
 
-            if model_request is not None:
-                name = (await _parse(context, getattr(service_pb2, model_request), raw)).name
-                if name not in self.front.models:
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name[:100]!r}; served: "
-                                        f"{sorted(self.front.models)}")
-            try:
-                return await self._call(method)(raw, timeout=10)
-            except grpc.aio.AioRpcError as e:
-                await context.abort(e.code(), e.details() or "")
-        return handler
+        return service_pb2.ServerMetadataResponse(name=PLATFORM, version=__version__,
+                                                  extensions=["binary_tensor_data"]).SerializeToString()
+
+    async def _model_metadata(self, raw: bytes, context) -> bytes:
+        """What the HTTP port answers (:func:`oip.model_metadata`), as a protobuf."""
+        import grpc
+        from tritonclient.grpc import service_pb2
+
+        name = (await _parse(context, service_pb2.ModelMetadataRequest, raw)).name
+        if name not in self.front.models:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name[:100]!r}; served: "
+                                f"{sorted(self.front.models)}")
+        meta = model_metadata(self.front.models[name], PLATFORM)
+        tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+        return service_pb2.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]],
+        ).SerializeToString()
 
     def _not_public(self, method: str):
         async def handler(raw: bytes, context) -> bytes:
@@ -373,16 +394,19 @@ class GrpcFront:
         if model is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name[:100]!r}; served: "
                                 f"{sorted(front.models)}")
-        if not front.warm:
+        if not front.started:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not ready")
         if refusal := front.admit(model):
             await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
         front.accept()
         try:
-            return await self._call("ModelInfer")(raw, timeout=front.limits.request_timeout_s)
+            return await self._call("ModelInfer")(raw, timeout=front.limits.request_timeout_s,
+                                                  metadata=front.call_metadata)
         except grpc.aio.AioRpcError as e:
             code = e.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE and
+                                                             "timeout" in (e.details() or "").lower()):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
                 message = (f"model {name!r}: not answered within {front.limits.request_timeout_s * 1000:.0f} ms "
                            "(--request-timeout-ms)")
             else:

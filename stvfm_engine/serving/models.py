@@ -19,6 +19,9 @@ from stvfm_engine.model.config import STVFMConfig
 # Triton's names for the numpy dtypes of the engine's I/O (engine.graph.io_spec)
 TRITON_DTYPES = {"float32": "FP32", "int64": "INT64"}
 STREAM_SUFFIX = "_stream"  # the companion of a served model M that keeps forecast streams: M_stream
+# the serve command's warm-up request of an M_stream companion, answered once: no client's stream can have
+# this name (stream names are printable)
+WARM_UP_STREAM = b"\x00stvfm-warm-up"
 
 
 @dataclass(frozen=True)
@@ -255,10 +258,11 @@ class StreamWorker:
     one engine call per rollout round) and each result into the companion's outputs. It adds no checks of
     the model's own: only that a request carries one stream (batch 1)."""
 
-    def __init__(self, worker: Worker, options: StreamOptions):
+    def __init__(self, worker: Worker, options: StreamOptions, warm: bool = False):
         from stvfm_engine.engine.streams import Streams
 
         self.worker = worker
+        self.warm = warm  # False: the first WARM_UP_STREAM request warms the engine (inside the server's batch)
         self.counts = {name: [0, 0] for name in worker.session.models}  # [forecasts, batches], as Worker.counts
         timeless = any(cfg.steps_per_day == 0 for cfg in worker.session.models.values())
         self.streams = Streams(worker.session, options.store, gaps=options.gaps, max_gap=options.max_gap,
@@ -268,16 +272,22 @@ class StreamWorker:
         """``(stream, time, frame, steps, model)`` of one request's arrays (None for an absent input), or the
         error that refuses it (a request of more than one stream)."""
         item = []
-        for name, dims in (("stream", 2), ("time", 2), ("frame", 4), ("steps", 2)):
+        for name in ("stream", "time", "frame", "steps"):
             a = arrays.get(name)
             if a is None:
                 item.append(None)
                 continue
-            if a.ndim != dims or len(a) != 1:
-                return InputError(f"input {name!r}: one stream per request (batch 1), got shape {list(a.shape)}")
+            if name == "frame" and (a.ndim != 4 or len(a) != 1):
+                return InputError(f"input 'frame': expected [1, C, H, W] (one stream per request), got shape "
+                                  f"{list(a.shape)}")
+            if name != "frame" and a.shape != (1, 1):
+                return InputError(f"input {name!r}: expected shape [1, 1] (one stream per request), got "
+                                  f"{list(a.shape)}")
             item.append(a[0, 0] if name != "frame" else a[0])
         if item[0] is None:
             return InputError("input 'stream' is missing: the name of the stream")
+        if item[0] == WARM_UP_STREAM and not self.warm:
+            return _WarmUp()
         if item[3] is not None:
             item[3] = int(item[3])
         return (*item, model if model is not None else self.worker.key)
@@ -288,7 +298,10 @@ class StreamWorker:
         from stvfm_engine.model.calendar import iso
 
         results: list[Any] = list(items)
-        valid = [i for i, item in enumerate(items) if not isinstance(item, Exception)]
+        for i, item in enumerate(items):
+            if isinstance(item, _WarmUp):
+                results[i] = self._warm_up()
+        valid = [i for i, item in enumerate(items) if not isinstance(item, (Exception, _WarmUp))]
         if not valid:
             return results
         served: set[str] = set()
@@ -312,12 +325,29 @@ class StreamWorker:
             self.counts[model][1] += 1
         return results
 
+    def _warm_up(self) -> dict[str, np.ndarray] | Exception:
+        """Ready means warm: the engine runs a batch of 1 and of max batch (here, where the server's batch runs:
+        a multi-model directory's shared backbone answers only there); answered with 0 steps."""
+        try:
+            if not self.warm:
+                self.worker.warm_up([self.worker.key])
+                self.warm = True
+        except Exception as e:  # noqa: BLE001 - the serve command reports it and stops
+            return RuntimeError(f"warm-up failed: {first_line(e)}")
+        cfg = self.worker.session.models[self.worker.session.model_name(self.worker.key)]
+        return {"y": np.zeros((1, 0, cfg.channels, cfg.height, cfg.width), np.float32),
+                "time": np.empty((1, 0), dtype=object), "held": np.zeros((1, 1), np.int64)}
+
     def answer(self, requests: Sequence[tuple[Optional[str], dict[str, Any]]]) -> list[dict[str, np.ndarray] | Exception]:
         """``run`` over ``(model, arrays)`` requests."""
         return self.run([self.item(model, arrays) for model, arrays in requests])
 
     def close(self) -> None:
         self.streams.close()
+
+
+class _WarmUp:
+    """The item of a WARM_UP_STREAM request."""
 
 
 def open_stream_worker(params: dict[str, str], base: Optional[str | os.PathLike] = None) -> StreamWorker:

@@ -242,6 +242,7 @@ def decode_request(model: ServedModel, body: bytes, header_length: Optional[str]
         raise ProtocolError(f"body: expected a JSON object, got {_kind(request)}")
     io = model.io()
     expected = {t["name"]: t["datatype"] for t in io["inputs"]}
+    dims = {t["name"]: t["dims"] for t in io["inputs"]}
     tensors = _field(request, "inputs", (list,), "a list of input tensors", "body")
     binary, offset, arrays = memoryview(body)[n:], 0, {}
     for i, tensor in enumerate(tensors):
@@ -257,6 +258,10 @@ def decode_request(model: ServedModel, body: bytes, header_length: Optional[str]
         if datatype != expected[name]:
             raise ProtocolError(f"{where}: expected datatype {expected[name]}, got {datatype[:20]!r}")
         shape = _shape(tensor, where)
+        if datatype == "BYTES" and min(dims[name], default=0) >= 0 and \
+                math.prod(shape) > (most := model.max_batch * math.prod(dims[name])):
+            raise ProtocolError(f"{where}: shape {shape[:8]} holds more than the {most} elements a request of this "
+                                f"model can (max batch {model.max_batch} x {dims[name]})")
         parameters = tensor.get("parameters", {})
         if type(parameters) is not dict:
             raise ProtocolError(f"{where}: expected 'parameters' an object, got {_kind(parameters)}")

@@ -159,7 +159,7 @@ class ModelIngress:
         self.collector = Collector(self.worker.run, max_batch * len(self.worker.session.models),
                                    lambda r: r.batch, settings.max_queue_delay_s, thread)
         streams = next((m.streams for m in models if m.streams is not None), None)
-        self.streams = StreamWorker(self.worker, streams) if streams is not None else None
+        self.streams = StreamWorker(self.worker, streams, warm=True) if streams is not None else None
         self.stream_collector = Collector(self.streams.run, max_batch * len(self.worker.session.models),
                                           lambda item: 1, settings.max_queue_delay_s, thread) if streams else None
         self.replica = serve.get_replica_context().replica_id.unique_id

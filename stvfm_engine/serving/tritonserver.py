@@ -258,7 +258,7 @@ def serve_triton(models: Sequence[ServedModel], options: TritonOptions = TritonO
             repository = write_serving_repository(models, Path(tmp) / "models", int(options.max_queue_delay_ms * 1000),
                                                   options.instances, backbone_timeout_us=int(options.request_timeout_ms * 1000))
             backends = backend_directory(found, Path(tmp) / "backends")
-            front = Front(models, f"127.0.0.1:{private}", limits)
+            front = Front(models, f"127.0.0.1:{private}", limits, token=secrets.token_hex(16))
             return run_loop(_serve(models, options, found, repository, backends, front, listener, private))
     finally:
         listener.close()
@@ -278,13 +278,12 @@ def run_loop(coro):
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+    return uvloop.run(coro)
 
 
 async def _serve(models, options: TritonOptions, found: Bundle, repository: Path, backends: Path, front,
                  listener, private_grpc_port: int) -> int:
-    from stvfm_engine.serving.front import GrpcFront, http_server
+    from stvfm_engine.serving.front import LOCKED_HEADER, GrpcFront, http_server
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -299,7 +298,7 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
     # Triton's HTTP is off (the front answers HTTP); on gRPC its repository, shared-memory, trace and logging
     # protocols want a header value nobody knows: not public either.
     extra = ["--allow-http=false",
-             f"--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:{LOCKED}={secrets.token_hex(16)}"]
+             f"--grpc-restricted-protocol={','.join(PROTOCOLS)}:{LOCKED_HEADER}={front.call_metadata[0][1]}"]
     log(f"starting Triton Inference Server (nvidia-pytriton {found.version}) with {describe(list(models))}")
     server = TritonProcess(found, repository, backends, options, extra, grpc=("127.0.0.1", private_grpc_port))
     web = None
@@ -318,7 +317,7 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
             if serving.done():
                 raise ServeError(f"the HTTP front did not start: {serving.exception() or 'no error'}")
             await asyncio.sleep(0.01)
-        front.warm = True
+        front.warm = front.started = True
         host = loopback(options.host)
         log(f"ready: HTTP http://{host}:{options.http_port}, gRPC {host}:{options.grpc_port}, metrics "
             f"http://{host}:{options.metrics_port}/metrics; models: {', '.join(m.name for m in models)}")
@@ -369,7 +368,9 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
             loop.remove_signal_handler(sig)
 
 
-LOCKED = "stvfm-serve-locked"
+# every protocol of tritonserver's gRPC endpoint: it answers the front only (the calls carry the header)
+PROTOCOLS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics",
+             "trace", "logging")
 
 
 async def _until(probe, stop: asyncio.Event, server: TritonProcess, timeout_s: float, what: str) -> bool:
@@ -397,8 +398,13 @@ async def _warm_up(front, models: Sequence[ServedModel], stop: asyncio.Event, se
     request of zeros (valid inputs) before ``/v2/health/ready`` turns 200."""
     import numpy as np
 
+    from stvfm_engine.serving.models import WARM_UP_STREAM
+
     for model in models:
-        if model.streams is not None:  # an M_stream companion warms its engine when it loads (no stream exists yet)
+        if model.streams is not None:  # an M_stream companion: its one warm-up request runs batch 1 and max batch
+            answer = await front.infer(model, {"stream": np.array([[WARM_UP_STREAM]], dtype=object)})
+            if isinstance(answer, tuple):
+                raise ServeError(f"warm-up of model {model.name!r} failed: {answer[1]}")
             continue
         for batch in sorted({1, model.max_batch}):
             if stop.is_set():

@@ -31,8 +31,8 @@ class TritonPythonModel:
         if params.get("backbone_model"):
             timeout_us = int(params.get("backbone_timeout_us") or 0)
             self.worker.session.share_backbone(_bls(params["backbone_model"], timeout_us))
-        if self.streams is not None:  # ready means warm: the serve command's warm-up sends no stream requests
-            self.worker.warm_up([self.worker.key])
+        # ready means warm: serve's warm-up sends a companion the WARM_UP_STREAM request (warmed in execute,
+        # where a multi-model directory's shared backbone can be called: BLS is not allowed in initialize)
 
     def execute(self, requests):
         if self.backbone_role:
