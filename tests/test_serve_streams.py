@@ -177,9 +177,10 @@ def scenario(url, engine, prefix):
     return outputs(doc)[0]
 
 
-def _serve(engine_dir, *extra):
+def _serve(directories, *extra):
+    """``serve`` of the directories (named after them: ``bike``, and a multi-model directory's own names)."""
     ports = free_ports(3)
-    args = ["serve", str(engine_dir), "--name", "bike", "--backend", "onnxruntime", "--threads", "1",
+    args = ["serve", *map(str, directories), "--backend", "onnxruntime", "--threads", "1",
             "--http-port", str(ports[0]), *extra]
     if "--ray" not in extra:
         args += ["--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
@@ -188,14 +189,36 @@ def _serve(engine_dir, *extra):
     return proc, f"http://127.0.0.1:{ports[0]}"
 
 
+@pytest.fixture(scope="module")
+def regions(tmp_path_factory):
+    """A multi-model directory (north, south: one backbone) with the same calendar, and its Engine."""
+    from stvfm_engine.export.multi_build import build_multi_engine
+
+    root = tmp_path_factory.mktemp("serve-streams-regions")
+    pair = [write_checkpoint(root / f"{n}.pt", CONFIG, seed=5, mean=m, std=[1.5, 4.0])
+            for n, m in (("north", [2.0, 5.0]), ("south", [9.0, 3.0]))]
+    directory = build_multi_engine(pair, root / "regions", backends=["onnxruntime"], max_batch=MAX_BATCH,
+                                   progress=False, cache_dir=root / "cache")
+    return directory, Engine.load(directory, backend="onnxruntime", threads=1)
+
+
 @pytest.mark.slow
-def test_stream_companion_on_triton_and_a_restart_keeps_the_streams(engine_dir, engine, tmp_path):
+def test_stream_companion_on_triton_and_a_restart_keeps_the_streams(engine_dir, engine, regions, tmp_path):
+    """Also a multi-model directory's companions: their worker calls the directory's shared backbone model
+    (BLS), so they are warmed inside Triton's execute (not in initialize, where BLS is not allowed)."""
     pytest.importorskip("pytriton", reason="the serve extra is not installed: pip install 'stvfm-engine[serve]'")
     state = tmp_path / "state"
     state.mkdir()
-    proc, url = _serve(engine_dir, "--state-dir", str(state))
+    proc, url = _serve([engine_dir, regions[0]], "--state-dir", str(state))
     try:
         before = scenario(url, engine, "triton")
+        for model in ("north", "south"):
+            frames, times = [frame(model, k) for k in range(T)], [START + k * STEP for k in range(T)]
+            for when, x in zip(times, frames):
+                status, doc = post(url, f"{model}_stream", body(f"{model}-a", when, x))
+                assert status == 200, doc
+            want = regions[1].predict(np.stack(frames)[None], *features(times), model=model)[0]
+            assert rel_err(outputs(doc)[0], want) <= 1e-6 and outputs(doc)[2] == T
         # binary tensors (tritonclient): the same stream, the same answer; BYTES decoded both ways
         import tritonclient.http as httpclient
 
@@ -210,7 +233,7 @@ def test_stream_companion_on_triton_and_a_restart_keeps_the_streams(engine_dir, 
         client.close()
     finally:
         assert proc.stop() == 0, proc.stderr()[-2000:]
-    proc, url = _serve(engine_dir, "--state-dir", str(state))  # a new server on the same store
+    proc, url = _serve([engine_dir], "--state-dir", str(state))  # a new server on the same store
     try:
         status, doc = post(url, "bike_stream", body("triton-region-0", steps=3))
         assert status == 200 and rel_err(outputs(doc)[0], before) <= 1e-6, doc
@@ -221,7 +244,7 @@ def test_stream_companion_on_triton_and_a_restart_keeps_the_streams(engine_dir, 
 @pytest.mark.slow
 def test_stream_companion_on_ray_with_postgresql(engine_dir, engine, postgres_url):
     pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'stvfm-engine[ray]'")
-    proc, url = _serve(engine_dir, "--ray", "--stream-store", postgres_url)
+    proc, url = _serve([engine_dir], "--ray", "--stream-store", postgres_url)
     try:
         scenario(url, engine, "ray")
     finally:
@@ -302,34 +325,3 @@ def test_the_decoder_takes_bytes_tensors_strictly(engine_dir, tmp_path):
 
     fuzz()
 
-
-@pytest.mark.slow
-def test_the_companions_of_a_multi_model_directory_on_triton(tmp_path):
-    """A multi-model directory's companions share the directory's backbone model (BLS from the companion's
-    worker): warmed inside Triton's execute, and their forecasts are Engine.predict's of their own model."""
-    pytest.importorskip("pytriton", reason="the serve extra is not installed: pip install 'stvfm-engine[serve]'")
-    from stvfm_engine.export.multi_build import build_multi_engine
-
-    pair = [write_checkpoint(tmp_path / f"{n}.pt", CONFIG, seed=s, mean=m, std=[1.5, 4.0])
-            for n, s, m in (("north", 5, [2.0, 5.0]), ("south", 5, [9.0, 3.0]))]
-    directory = build_multi_engine(pair, tmp_path / "regions", backends=["onnxruntime"], max_batch=MAX_BATCH,
-                                   progress=False, cache_dir=tmp_path / "cache")
-    engine = Engine.load(directory, backend="onnxruntime", threads=1)
-    state = tmp_path / "state"
-    state.mkdir()
-    ports = free_ports(3)
-    proc = ServerProcess(["serve", str(directory), "--backend", "onnxruntime", "--threads", "1", "--http-port",
-                          str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                          "--state-dir", str(state)])
-    proc.wait_ready(timeout_s=300)
-    url = f"http://127.0.0.1:{ports[0]}"
-    try:
-        for model in ("north", "south"):
-            frames, times = [frame(model, k) for k in range(T)], [START + k * STEP for k in range(T)]
-            for when, x in zip(times, frames):
-                status, doc = post(url, f"{model}_stream", body(f"{model}-a", when, x))
-                assert status == 200, doc
-            want = engine.predict(np.stack(frames)[None], *features(times), model=model)[0]
-            assert rel_err(outputs(doc)[0], want) <= 1e-6 and outputs(doc)[2] == T
-    finally:
-        assert proc.stop() == 0, proc.stderr()[-2000:]

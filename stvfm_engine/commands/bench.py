@@ -184,7 +184,7 @@ def _bench_url(args: argparse.Namespace) -> int:
         report = {**header("cpu", command), **run_load(args.url, args.model, concurrency, args.duration, batch,
                                                        args.metrics_url, arrays, args.requests, offline=offline,
                                                        log=log, body_kind=args.body, expected=expected, floor=floor,
-                                                       floor_app=app, rounds=args.rounds)}
+                                                       floor_app=app, rounds=args.rounds, pause_s=args.pause)}
     if engine is not None:
         report["offline_engine"] = {"directory": str(engine.directory), "backend": engine.backend,
                                     "precision": engine.precision, "threads": engine.threads}
@@ -279,6 +279,8 @@ def register(sub) -> None:
     load.add_argument("--rounds", type=positive_int, default=4,
                       help="--floor: rounds of interleaved blocks (floor, server, Engine.predict) per level, each "
                            "block --duration / rounds long (default 4)")
+    load.add_argument("--pause", type=non_negative_float, default=1.0, metavar="S",
+                      help="--floor: pause before each block (default 1 s: lets the other side's threads go idle)")
     load.add_argument("--floor-alone", action="store_true",
                       help="--floor: measure the floor first, alone, then stop it and measure the server")
     p.set_defaults(func=cmd_bench)
