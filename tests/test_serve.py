@@ -300,7 +300,7 @@ def test_bench_url_load_test(server, engines, tmp_path):
     assert saved["results"][0]["errors"] == 0 and "serving_cost_ms" in saved
     # --floor: the plain ASGI app measured side by side with the server, blocks interleaved, targets from one run
     assert main(["bench", str(engines["odd"]), "--url", server["http"], "--model", "odd", "--body", "json",
-                 "--floor", "asgi", "--rounds", "2", "--pause", "0.1", "--concurrency", "1,3", "--duration", "1", "--iters", "2",
+                 "--floor", "asgi", "--rounds", "2", "--pause", "0.1", "--concurrency", "1,3", "--duration", "0.6", "--iters", "2",
                  "--metrics-url", server["metrics"], "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["floor"]["side_by_side"] and saved["floor"]["rounds"] == 2 and saved["floor"]["pause_s"] == 0.1

@@ -281,31 +281,36 @@ def test_only_the_core_api_is_public(server):
 
 
 def test_a_full_queue_is_unavailable_at_once_on_grpc(server, reference):
-    """64 gRPC requests at once against --max-queue 8: right answers, and UNAVAILABLE naming the limit."""
-    import tritonclient.grpc as tg
-    from tritonclient.utils import InferenceServerException
+    """64 gRPC requests of max batch at once (one event loop: they do arrive together) against --max-queue 8
+    (12 held: 8 waiting, 4 running): right answers, and UNAVAILABLE naming the limit."""
+    import asyncio
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     engine, make = reference
-    rng = np.random.default_rng(12)
-    inputs = [make(1, rng) for _ in range(64)]
-    start = threading.Barrier(64)
+    x, tod, dow = make(MAX_BATCH, np.random.default_rng(12))
+    request = service_pb2.ModelInferRequest(model_name="m")
+    for name, a in (("x", x.astype(np.float32)), ("tod", tod.astype(np.int64)), ("dow", dow.astype(np.int64))):
+        request.inputs.add(name=name, datatype="FP32" if name == "x" else "INT64", shape=a.shape)
+        request.raw_input_contents.append(a.tobytes())
+    want = engine.predict(x, tod, dow)
 
-    def send(i):
-        x, tod, dow = inputs[i]
-        tensors = []
-        for name, a in (("x", x), ("tod", tod), ("dow", dow)):
-            tensors.append(tg.InferInput(name, a.shape, "FP32" if name == "x" else "INT64"))
-            tensors[-1].set_data_from_numpy(a.astype(np.float32 if name == "x" else np.int64))
-        with tg.InferenceServerClient(server["grpc"]) as client:
-            start.wait(timeout=60)
-            try:
-                y = client.infer("m", tensors, client_timeout=60).as_numpy("y")
-                return "ok" if rel_err(y, engine.predict(x, tod, dow)) <= 1e-6 else "wrong"
-            except InferenceServerException as e:
-                return "full" if "UNAVAILABLE" in str(e.status()) and "queue full" in str(e) else str(e)
+    async def burst():
+        async with grpc.aio.insecure_channel(server["grpc"]) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=30)
+            return await asyncio.gather(*(stub.ModelInfer(request, timeout=60) for _ in range(64)),
+                                        return_exceptions=True)
 
-    with ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(send, range(64)))
+    results = []
+    for answer in asyncio.run(burst()):
+        if isinstance(answer, grpc.aio.AioRpcError):
+            full = answer.code() == grpc.StatusCode.UNAVAILABLE and "queue full" in (answer.details() or "")
+            results.append("full" if full else f"{answer.code()}: {answer.details()}")
+        else:
+            y = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(answer.outputs[0].shape)
+            results.append("ok" if rel_err(y, want) <= 1e-6 else "wrong")
     assert set(results) <= {"ok", "full"} and "ok" in results and "full" in results, results
     _good(server, reference)
 

@@ -30,7 +30,7 @@ T, H, SHAPE = CONFIG.history, CONFIG.horizon, (CONFIG.channels, CONFIG.height, C
 STEP = timedelta(minutes=30)
 START = datetime(2026, 11, 1, 4, 30, tzinfo=UTC)  # 00:30 EDT; New York falls back at 06:00 UTC (01:00 EST again)
 MAX_BATCH = 4
-CONCURRENT = 6  # streams pushing at once
+CONCURRENT = 3  # streams pushing at once
 
 
 @pytest.fixture(scope="module")
