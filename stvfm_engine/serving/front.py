@@ -27,7 +27,7 @@ import json
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -162,24 +162,40 @@ class Front:
                 for t, raw in zip(response.outputs, response.raw_output_contents)}
 
     def _refusal(self, model: ServedModel, e) -> tuple[int, str]:
+        """``(HTTP status, message)`` of tritonserver's refusal ``e`` (:meth:`classify`)."""
         import grpc
 
-        code, message = e.code(), _REQUEST_ID.sub("", e.details() or "")
-        if "maximum queue size" in message:
-            return 503, (f"model {model.name!r}: queue full ({self.limits.max_queue[model.name]} requests waiting, "
-                         "--max-queue); retry later")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE
-                                                         and "timeout" in message.lower()):
-            return 504, (f"model {model.name!r}: not answered within {self.limits.request_timeout_s * 1000:.0f} ms "
-                         "(--request-timeout-ms)")
-        # NOT_FOUND: the front forwards only models it serves, so tritonserver no longer has this one loaded
-        # (it unloads models in its shutdown, or a model's stub died): unavailable, not an unknown model
-        status = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 503,
+        code, message = self.classify(model, e)
+        status = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
                   grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.CANCELLED: 503,
                   grpc.StatusCode.RESOURCE_EXHAUSTED: 503}.get(code, 500)
-        if status == 503:
-            message = f"model {model.name!r} is not available: {message}"
-        return status, message.split(" NOTE: ")[0]
+        return status, message
+
+    def classify(self, model: ServedModel, e) -> tuple[Any, str]:
+        """``(gRPC status, message)`` with which both ports answer tritonserver's refusal ``e``: a deadline
+        (the front's, or the shared backbone's timeout) is DEADLINE_EXCEEDED; NOT_FOUND is UNAVAILABLE (the
+        front forwards only models it serves, so tritonserver no longer has this one loaded: it unloads
+        models in its shutdown, or a model's stub died); the rest as tritonserver said, its notes left out."""
+        import grpc
+
+        code, message = e.code(), _REQUEST_ID.sub("", e.details() or "").split(" NOTE: ")[0]
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE
+                                                         and "timeout" in message.lower()):
+            return grpc.StatusCode.DEADLINE_EXCEEDED, self.late(model)
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED):
+            code, message = (grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.NOT_FOUND else code,
+                             f"model {model.name!r} is not available: {message}")
+        return code, message
+
+    def late(self, model: ServedModel) -> str:
+        return f"model {model.name!r}: not answered within {self.limits.request_timeout_s * 1000:.0f} ms " \
+               "(--request-timeout-ms)"
+
+    async def ready(self, model: Optional[str] = None) -> bool:
+        """Ready: warm, not draining, ``tritonserver`` ready (and ``model`` one of the served)."""
+        return (model is None or model in self.models) and self.warm and not self.draining \
+            and await self.triton_ready()
 
     def admit(self, model: ServedModel) -> Optional[str]:
         """Take a place for a request of ``model`` (:meth:`release` gives it back), or the refusal: the model
@@ -225,7 +241,7 @@ class Front:
         if path == "/v2/health/live":  # health first: a load balancer's probe is answered however busy
             return await _send(send, 200, b"")
         if path == "/v2/health/ready":
-            ready = self.warm and await self.triton_ready()
+            ready = await self.ready()
             return await _send(send, 200 if ready else 503, b"" if ready else error_body("not ready"))
         if self.in_flight > self.limits.max_in_flight:  # counts this one
             return await _send(send, 503, error_body(f"busy: {self.in_flight - 1} requests in progress; retry later"),
@@ -243,7 +259,7 @@ class Front:
         if action is None:
             return await _send(send, 200, self.metadata[name])
         if action == "/ready":
-            ready = self.warm and await self.triton_ready()
+            ready = await self.ready(name)
             return await _send(send, 200 if ready else 503, b"" if ready else error_body(f"{name} is not ready"))
         if method != "POST":
             return await _send(send, 405, error_body("infer takes POST"))
@@ -254,10 +270,6 @@ class Front:
             await self._infer(model, scope, receive, send, deadline)
         finally:
             self.release(model)
-
-    def _late(self, model: ServedModel) -> bytes:
-        return error_body(f"model {model.name!r}: not answered within {self.limits.request_timeout_s * 1000:.0f} ms "
-                          "(--request-timeout-ms)")
 
     async def _infer(self, model: ServedModel, scope, receive, send, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -279,7 +291,7 @@ class Front:
         except ProtocolError as e:
             return await _send(send, http_status(e), error_body(str(e)))
         except asyncio.TimeoutError:
-            return await _send(send, 504, self._late(model), close=True)
+            return await _send(send, 504, error_body(self.late(model)), close=True)
         finally:
             self.body_bytes -= reserved
         outputs = await self.infer(model, arrays, max(0.001, deadline - loop.time()))
@@ -341,15 +353,14 @@ class GrpcFront:
     async def _ready(self, raw: bytes, context) -> bytes:
         from tritonclient.grpc import service_pb2
 
-        ready = self.front.warm and not self.front.draining and await self.front.triton_ready()
+        ready = await self.front.ready()
         return service_pb2.ServerReadyResponse(ready=ready).SerializeToString()
 
     async def _model_ready(self, raw: bytes, context) -> bytes:
         from tritonclient.grpc import service_pb2
 
         name = (await _parse(context, service_pb2.ModelReadyRequest, raw)).name
-        ready = name in self.front.models and self.front.warm and not self.front.draining \
-            and await self.front.triton_ready()
+        ready = await self.front.ready(name)
         return service_pb2.ModelReadyResponse(ready=ready).SerializeToString()
 
     async def _server_metadata(self, raw: bytes, context) -> bytes:
@@ -403,17 +414,7 @@ class GrpcFront:
             return await self._call("ModelInfer")(raw, timeout=front.limits.request_timeout_s,
                                                   metadata=front.call_metadata)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE and
-                                                             "timeout" in (e.details() or "").lower()):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                message = (f"model {name!r}: not answered within {front.limits.request_timeout_s * 1000:.0f} ms "
-                           "(--request-timeout-ms)")
-            else:
-                message = _REQUEST_ID.sub("", e.details() or "").split(" NOTE: ")[0]
-                if code == grpc.StatusCode.NOT_FOUND:  # unloaded in tritonserver's shutdown: unavailable
-                    code, message = grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not available: {message}"
-            await context.abort(code, message)
+            await context.abort(*front.classify(model, e))
         finally:
             front.release(model)
             front.answered()
