@@ -272,7 +272,7 @@ def run_overload(engine_dir: str, kind: str, predict: Callable, make_inputs: Cal
 
         def one() -> None:
             conn = JsonClient(f"127.0.0.1:{port}", timeout_s=60)
-            conn.conn.connect()
+            conn.connect()
             go.wait()
             t0 = time.perf_counter()
             try:

@@ -280,6 +280,30 @@ def test_only_the_core_api_is_public(server):
             client.get_model_metadata("nope")
 
 
+def test_tritonserver_ports_answer_only_the_front(server, reference):
+    """tritonserver's own HTTP and gRPC endpoints (loopback ports of their own) refuse a request without the
+    front's secret header before parsing it: a lying shape sent there straight does not reach the parser that
+    Triton's bad_alloc comes from, and the server goes on."""
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    triton = [pid for pid in server["proc"].descendants() if "tritonserver" in _cmdline(pid)]
+    args = _cmdline(triton[0]).split("\0")
+    ports = {a.split("=")[0]: int(a.split("=")[1]) for a in args if a.startswith(("--http-port=", "--grpc-port="))}
+    private = f"http://127.0.0.1:{ports['--http-port']}"
+    assert private != server["url"]
+    lying = json.dumps({"inputs": [{"name": "x", "shape": [2 ** 40, 1, 1, 1, 1], "datatype": "FP32",
+                                    "data": [1.0]}]}).encode()
+    for path, data in (("/v2/models/m/infer", lying), ("/v2/health/ready", None), ("/v2/repository/index", b"{}")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(private + path, data=data), timeout=10)
+        assert e.value.code == 403, path
+    with tg.InferenceServerClient(f"127.0.0.1:{ports['--grpc-port']}") as client:
+        with pytest.raises(InferenceServerException):
+            client.get_model_repository_index()
+    _good(server, reference)
+
+
 def test_a_full_queue_is_unavailable_at_once_on_grpc(server, reference):
     """64 gRPC requests of max batch at once (one event loop: they do arrive together) against --max-queue 8
     (12 held: 8 waiting, 4 running): right answers, and UNAVAILABLE naming the limit."""

@@ -1,9 +1,12 @@
 """The public ports of ``serve`` (Triton). HTTP: the v2 core HTTP API answered by the project's strict
-decoder (:mod:`stvfm_engine.serving.oip`) on uvicorn, each infer request forwarded to ``tritonserver``
-over loopback gRPC with binary tensors. gRPC (:class:`GrpcFront`): the core of Triton's gRPC service,
-each infer forwarded as it came. ``tritonserver``'s own HTTP endpoint is off and its gRPC endpoint
-listens on a private loopback port, so no client reaches it; its other extensions (statistics,
-repository, shared memory, trace, logging, model config) are not served on either port.
+decoder (:mod:`stvfm_engine.serving.oip`) on uvicorn, each infer request forwarded to ``tritonserver``'s
+HTTP endpoint over loopback with binary tensors (:class:`TritonHttp`: keep-alive connections, about 1 ms
+cheaper per request than a gRPC call from Python). gRPC (:class:`GrpcFront`): the core of Triton's gRPC
+service, each infer forwarded as it came. ``tritonserver``'s own HTTP and gRPC endpoints listen on
+private loopback ports and answer only requests that carry a per-run secret header (Triton's
+``--http-restricted-api`` / ``--grpc-restricted-protocol``; without it: 403 / UNAVAILABLE before the body
+is parsed), so no client reaches them; its other extensions (statistics, repository, shared memory,
+trace, logging, model config) are not served on either public port.
 
 Admission is the front's, for both ports: a model holds at most ``--max-queue`` waiting requests
 beyond those its instances run (max batch x instances); one more is refused at once (HTTP 503 before
@@ -30,9 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import orjson
 
 from stvfm_engine import __version__
-from stvfm_engine.errors import ProtocolError, ServeError
+from stvfm_engine.errors import ProtocolError, ServeError, first_line
 from stvfm_engine.serving.models import ServedModel
 from stvfm_engine.serving.oip import (
     DATATYPES,
@@ -101,14 +105,145 @@ def grpc_stub(target: str, max_message_bytes: int):
     return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to ``tritonserver``: one request at a time, the response parsed by
+    llhttp (``httptools``, as uvicorn parses requests)."""
+
+    def __init__(self):
+        import httptools
+
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: Optional[asyncio.Transport] = None
+        self.waiter: Optional[asyncio.Future] = None
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.closed = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        import httptools
+
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(ConnectionError(f"tritonserver sent a response that is not HTTP ({e})"))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._fail(exc or ConnectionError("tritonserver closed the connection"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((self.parser.get_status_code(), self.headers, b"".join(self.body)))
+        if not self.parser.should_keep_alive():
+            self.close()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def request(self, head: bytes, body: Sequence[bytes]) -> tuple[int, dict[bytes, bytes], bytes]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.headers, self.body = {}, []
+        self.transport.writelines([head, *body])
+        try:
+            return await self.waiter
+        finally:
+            self.waiter = None
+
+
+class TritonHttp:
+    """Infer requests to ``tritonserver``'s private HTTP endpoint at ``host:port``, with binary tensors both
+    ways, each carrying the secret ``header`` that opens it; keep-alive connections are reused (one per
+    request in flight, at most ``keep`` kept idle)."""
+
+    def __init__(self, host: str, port: int, header: tuple[str, str], keep: int = 64):
+        self.host, self.port, self.keep = host, port, keep
+        self.lock_line = f"{header[0]}: {header[1]}\r\n".encode()
+        self.idle: list[_Connection] = []
+
+    async def _connection(self) -> _Connection:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+        conn.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    async def infer(self, name: str, arrays: dict[str, np.ndarray]) -> tuple[int, Any]:
+        """``(200, {output name: array})``, or ``(status, message)``: tritonserver's refusal. Raises
+        ``OSError`` when tritonserver cannot be reached; cancelling (a deadline) closes the connection."""
+        blobs = [serialize_bytes(a) if a.dtype == object else np.ascontiguousarray(a).data.cast("B")
+                 for a in arrays.values()]
+        header = orjson.dumps({"inputs": [{"name": n, "shape": list(a.shape), "datatype": DATATYPES[a.dtype],
+                                           "parameters": {"binary_data_size": len(b)}}
+                                          for (n, a), b in zip(arrays.items(), blobs)],
+                               "parameters": {"binary_data_output": True}})
+        size = len(header) + sum(len(b) for b in blobs)
+        head = (f"POST /v2/models/{name}/infer HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+                f"Content-Length: {size}\r\n").encode() + self.lock_line + b"\r\n"
+        conn = await self._connection()
+        try:
+            status, headers, body = await conn.request(head, [header, *blobs])
+        except BaseException:
+            conn.close()  # a deadline or a failure: the connection's state is unknown
+            raise
+        if not conn.closed and len(self.idle) < self.keep:
+            self.idle.append(conn)
+        else:
+            conn.close()
+        if status != 200:
+            try:
+                message = orjson.loads(body).get("error")
+            except (orjson.JSONDecodeError, AttributeError):
+                message = None
+            return status, str(message or body[:200].decode("utf-8", "replace") or f"HTTP {status}")
+        n = int(headers.get(HEADER_LENGTH.encode(), len(body)))
+        outputs, offset = {}, n
+        for t in orjson.loads(body[:n])["outputs"]:
+            length = t["parameters"]["binary_data_size"]
+            raw = body[offset:offset + length]
+            offset += length
+            outputs[t["name"]] = (deserialize_bytes(raw, t["shape"]) if t["datatype"] == "BYTES" else
+                                  np.frombuffer(raw, DTYPES[t["datatype"]]).reshape(t["shape"]))
+        return 200, outputs
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle = []
+
+
 class Front:
-    """The ASGI application; ``tritonserver``'s gRPC endpoint at ``target``.
+    """The ASGI application; ``tritonserver``'s gRPC endpoint at ``target`` (readiness, and the public gRPC
+    port's calls), its HTTP endpoint at 127.0.0.1:``http_port`` (the HTTP port's infer requests).
 
     ``warm`` is set once every model has run (``serve`` warms them first), ``draining`` on SIGTERM/SIGINT;
     ``in_flight`` counts the requests accepted and not yet answered (:meth:`wait_answered`)."""
 
-    def __init__(self, models: Sequence[ServedModel], target: str, limits: Limits, token: str = ""):
+    def __init__(self, models: Sequence[ServedModel], target: str, limits: Limits, token: str = "",
+                 http_port: int = 0):
         self.models = {m.name: m for m in models}
+        # tritonserver's HTTP endpoint (127.0.0.1:http_port) answers only requests with this header
+        self.http = TritonHttp("127.0.0.1", http_port, (LOCKED_HEADER, token))
         # tritonserver's gRPC endpoint answers only calls that carry this header (--grpc-restricted-protocol)
         self.call_metadata = ((f"triton-grpc-protocol-{LOCKED_HEADER}", token),) if token else None
         self.started = False  # warm once: set after the warm-up, never cleared (warm follows the workers)
@@ -129,6 +264,7 @@ class Front:
         self._answered.set()
 
     async def close(self) -> None:
+        self.http.close()
         if self.channel is not None:
             await self.channel.close()
 
@@ -143,33 +279,25 @@ class Front:
             return False
 
     async def infer(self, model: ServedModel, arrays: dict[str, np.ndarray], timeout_s: Optional[float] = None):
-        """``{output name: array}`` from ``tritonserver``, or ``(status, message)`` when it refuses;
-        ``timeout_s`` (default ``--request-timeout-ms``) for tritonserver to answer."""
-        import grpc
-        from tritonclient.grpc import service_pb2
-
-        request = service_pb2.ModelInferRequest(model_name=model.name)
-        for name, array in arrays.items():
-            request.inputs.add(name=name, datatype=DATATYPES[array.dtype], shape=array.shape)
-            request.raw_input_contents.append(serialize_bytes(array) if array.dtype == object else array.tobytes())
+        """``{output name: array}`` from ``tritonserver`` (its private HTTP endpoint), or ``(HTTP status,
+        message)`` when it refuses or does not answer within ``timeout_s`` (default ``--request-timeout-ms``):
+        its 400 as it is, a deadline 504, a model or server not available (404, 503, no connection) 503, the
+        rest (an inference that failed in the model) 500."""
+        timeout_s = self.limits.request_timeout_s if timeout_s is None else timeout_s
         try:
-            response = await self.stub.ModelInfer(request, timeout=self.limits.request_timeout_s if timeout_s is None
-                                                  else timeout_s, metadata=self.call_metadata)
-        except grpc.aio.AioRpcError as e:
-            return self._refusal(model, e)
-        return {t.name: deserialize_bytes(raw, t.shape) if t.datatype == "BYTES" else
-                np.frombuffer(raw, DTYPES[t.datatype]).reshape(t.shape)
-                for t, raw in zip(response.outputs, response.raw_output_contents)}
-
-    def _refusal(self, model: ServedModel, e) -> tuple[int, str]:
-        """``(HTTP status, message)`` of tritonserver's refusal ``e`` (:meth:`classify`)."""
-        import grpc
-
-        code, message = self.classify(model, e)
-        status = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-                  grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.CANCELLED: 503,
-                  grpc.StatusCode.RESOURCE_EXHAUSTED: 503}.get(code, 500)
-        return status, message
+            status, answer = await asyncio.wait_for(self.http.infer(model.name, arrays), max(0.001, timeout_s))
+        except asyncio.TimeoutError:
+            return 504, self.late(model)
+        except OSError as e:  # refused or reset: tritonserver is stopping or died
+            return 503, f"model {model.name!r} is not available: {first_line(e) or type(e).__name__}"
+        if status == 200:
+            return answer
+        message = _REQUEST_ID.sub("", answer).split(" NOTE: ")[0]
+        if status == 503 and "timeout" in message.lower():
+            return 504, self.late(model)
+        if status in (404, 499, 503):  # tritonserver no longer has the model loaded (it unloads in its shutdown)
+            return 503, f"model {model.name!r} is not available: {message}"
+        return (400 if status == 400 else 500), message
 
     def classify(self, model: ServedModel, e) -> tuple[Any, str]:
         """``(gRPC status, message)`` with which both ports answer tritonserver's refusal ``e``: a deadline

@@ -124,11 +124,13 @@ class TritonProcess:
     """A running ``tritonserver`` in its own process group (its Python-backend stubs included)."""
 
     def __init__(self, found: Bundle, repository: Path, backends: Path, options: TritonOptions,
-                 extra_args: Sequence[str] = (), grpc: Optional[tuple[str, int]] = None):
+                 extra_args: Sequence[str] = (), grpc: Optional[tuple[str, int]] = None,
+                 http: Optional[tuple[str, int]] = None):
         o = options
         grpc_host, grpc_port = grpc or (o.host, o.grpc_port)
+        http_host, http_port = http or (o.host, o.http_port)
         args = [str(found.binary), f"--model-repository={repository}", f"--backend-directory={backends}",
-                f"--http-address={o.host}", f"--http-port={o.http_port}",
+                f"--http-address={http_host}", f"--http-port={http_port}",
                 f"--grpc-address={grpc_host}", f"--grpc-port={grpc_port}",
                 f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
                 "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0",
@@ -248,7 +250,7 @@ def serve_triton(models: Sequence[ServedModel], options: TritonOptions = TritonO
     listener = listen(options.host, options.http_port)  # before anything starts: a held port is exit 2 here
     try:
         check_free(options.host, (options.grpc_port, options.metrics_port))
-        private = free_loopback_port()  # tritonserver's own gRPC: loopback only, behind the front
+        private = free_loopback_ports(2)  # tritonserver's gRPC and HTTP: loopback, locked
         waiting, running = admission(models, options)
         limits = Limits(int(options.max_request_mb * 2 ** 20), options.request_timeout_ms / 1000, waiting, running)
         with tempfile.TemporaryDirectory(prefix="stvfm-serve-") as tmp:
@@ -258,17 +260,20 @@ def serve_triton(models: Sequence[ServedModel], options: TritonOptions = TritonO
             repository = write_serving_repository(models, Path(tmp) / "models", int(options.max_queue_delay_ms * 1000),
                                                   options.instances, backbone_timeout_us=int(options.request_timeout_ms * 1000))
             backends = backend_directory(found, Path(tmp) / "backends")
-            front = Front(models, f"127.0.0.1:{private}", limits, token=secrets.token_hex(16))
+            front = Front(models, f"127.0.0.1:{private[0]}", limits, token=secrets.token_hex(16), http_port=private[1])
             return run_loop(_serve(models, options, found, repository, backends, front, listener, private))
     finally:
         listener.close()
 
 
-def free_loopback_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a child that binds it itself)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_loopback_ports(n: int) -> tuple[int, ...]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now (for a child that binds them itself; should another
+    process take one first, tritonserver fails to start, or answers nobody without the secret header)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in socks)
 
 
 def run_loop(coro):
@@ -282,7 +287,7 @@ def run_loop(coro):
 
 
 async def _serve(models, options: TritonOptions, found: Bundle, repository: Path, backends: Path, front,
-                 listener, private_grpc_port: int) -> int:
+                 listener, private: tuple[int, int]) -> int:
     from stvfm_engine.serving.front import LOCKED_HEADER, GrpcFront, http_server
 
     loop = asyncio.get_running_loop()
@@ -295,12 +300,14 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
-    # Triton's HTTP is off (the front answers HTTP); on gRPC its repository, shared-memory, trace and logging
-    # protocols want a header value nobody knows: not public either.
-    extra = ["--allow-http=false",
-             f"--grpc-restricted-protocol={','.join(PROTOCOLS)}:{LOCKED_HEADER}={front.call_metadata[0][1]}"]
+    # tritonserver's HTTP and gRPC endpoints listen on loopback ports of their own, every API of both wanting a
+    # header value that only the front knows (refused before a body is parsed): the public ports are the front's
+    token = front.call_metadata[0][1]
+    extra = [f"--http-restricted-api={','.join(PROTOCOLS)}:{LOCKED_HEADER}={token}",
+             f"--grpc-restricted-protocol={','.join(PROTOCOLS)}:{LOCKED_HEADER}={token}"]
     log(f"starting Triton Inference Server (nvidia-pytriton {found.version}) with {describe(list(models))}")
-    server = TritonProcess(found, repository, backends, options, extra, grpc=("127.0.0.1", private_grpc_port))
+    server = TritonProcess(found, repository, backends, options, extra, grpc=("127.0.0.1", private[0]),
+                           http=("127.0.0.1", private[1]))
     web = None
     grpc_front = GrpcFront(front)
     try:
@@ -337,6 +344,7 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
             "gRPC UNAVAILABLE)")
         started = time.monotonic()
         left = await front.wait_answered(options.drain_timeout_s)  # new requests: 503 / UNAVAILABLE meanwhile
+        front.http.close()  # tritonserver's exit waits for open HTTP connections, idle keep-alive ones included
         server.terminate()  # nothing of ours is in tritonserver any more
         # the ports keep refusing (503 / UNAVAILABLE) for DRAIN_GRACE_S after the signal at least: a client or
         # load balancer with a request on its way gets a refusal, not a closed port
@@ -368,7 +376,7 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
             loop.remove_signal_handler(sig)
 
 
-# every protocol of tritonserver's gRPC endpoint: it answers the front only (the calls carry the header)
+# every API of tritonserver's HTTP and gRPC endpoints: they answer the front only (its calls carry the header)
 PROTOCOLS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics",
              "trace", "logging")
 
