@@ -395,6 +395,9 @@ class Front:
             return await _send(send, 503, error_body(refusal), close=True)
         deadline = asyncio.get_running_loop().time() + self.limits.request_timeout_s  # from arrival to answer
         try:
+            # the requests whose headers came in with this one are admitted or refused before this body is
+            # decoded (a burst's refusals do not wait behind the decoding of the admitted requests' bodies)
+            await asyncio.sleep(0)
             await self._infer(model, scope, receive, send, deadline)
         finally:
             self.release(model)
