@@ -313,8 +313,8 @@ def test_port_held_and_options_ray_cannot_honour_are_one_line(ray_server, engine
 @pytest.mark.slow
 def test_sigterm_drains_every_accepted_request_then_exits_0(ray_server, direct):
     """Last: SIGTERM with 12 clients sending. Readiness false within 0.5 s; every request sent before the signal
-    answered correctly or 503; after it also the connection refused once the server is gone, or (Ray's proxy is
-    stopped with the instance) a refusal cut off at exit; exit 0; no process left."""
+    answered correctly or 503; after it also the connection refused once the proxy's listener is closed (never a
+    reset); exit 0; no process left."""
     proc, port = ray_server["proc"], ray_server["port"]
     predict, make = direct["one"]
     bodies = []
@@ -369,7 +369,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(ray_server, direct):
     assert not_ready is not None and not_ready <= 0.5, not_ready
     assert code == 0, proc.stderr()[-2000:]
     assert before.count("ok") > 0 and set(before) <= {"ok", "refused"}, sorted(set(before))  # none lost or wrong
-    assert {k for k, after in outcomes if after} - {"ok", "refused"} <= {"dropped ConnectionResetError",
-                                                                          "dropped RemoteDisconnected"}
+    # after it too: the proxy's listener is closed (connections refused) only once those it holds are answered
+    assert {k for k, after in outcomes if after} <= {"ok", "refused"}, sorted({k for k, _ in outcomes})
     assert proc.leftovers == [], "Ray processes left behind"
     assert "serve: drained" in proc.stderr() and "serve: stopped" in proc.stderr()

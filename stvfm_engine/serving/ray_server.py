@@ -5,9 +5,11 @@ request is answered, then stopped (exit 0, or 3 when ``--drain-timeout`` expires
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,9 @@ from stvfm_engine.serving.lifecycle import StopRequest, check_free, describe, lo
 from stvfm_engine.serving.models import ServedModel
 
 DRAIN_TIMEOUT_EXIT = 3
+LINGER_S = 2.0  # at most this long the proxy's connections (the drain's 503s close them) have to be answered
+SO_ATTACH_FILTER = 26  # asm-generic/socket.h (x86, arm)
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture (the generic syscall table)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ def serve_ray(models: Sequence[ServedModel], options: RayOptions = RayOptions())
             if control is not None:
                 try:
                     code = _drain(control, options, stop)
+                    # the proxy stops taking connections and answers those it holds before the instance stops
+                    if local and _close_listener(options.http_port):
+                        log("the proxy's listener is closed (new connections are refused); the connections it "
+                            "held were answered")
                 except ray.exceptions.RayError as e:
                     log(f"Ray's processes went away during the drain ({first_line(e)[:160]}): accepted requests "
                         "may be lost")
@@ -140,6 +149,128 @@ def _deploy(models: Sequence[ServedModel], options: RayOptions):
     serve.run_many([serve.RunTarget(target=app, name=app_name, route_prefix=prefix) for app_name, prefix, app in apps],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     return control, [app_name for app_name, _, _ in apps]
+
+
+def _close_listener(port: int) -> bool:
+    """Stop the private instance's HTTP proxy listening on ``port`` while it goes on answering the connections
+    it accepted. Ray's proxy actor cannot close its listener apart from stopping, which resets every
+    connection that carries a request not yet answered (a 503 of the drain), those still waiting in the
+    listener's accept queue included. So its listening socket is taken from the proxy process
+    (``pidfd_getfd``: Linux 5.6+, allowed on our own descendants) and given a socket filter that drops every
+    packet (:func:`_drop_new_connections`): a new connection's SYN goes unanswered (its client retries a
+    second later) while the proxy accepts and answers the connections already queued. Once the queue is empty and every connection closed (each answer of a drain closes its
+    connection), at most :data:`LINGER_S`, the socket is shut down for reading, which stops a TCP listener:
+    the retried connections are refused. False where this cannot be
+    done (another OS, an older kernel, ptrace not allowed): then the instance stops as before."""
+    inodes = _listening_inodes(port)
+    socks = []
+    try:
+        for pid in _descendants(os.getpid()):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes and (sock := _socket_of(pid, int(fd))):
+                        socks.append(sock)
+                except OSError:
+                    continue
+        for sock in socks:
+            _drop_new_connections(sock)
+        deadline = time.monotonic() + (LINGER_S if socks else 0)
+        while (any(_accept_queues(port)) or _established(port)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+        return bool(socks)
+    finally:
+        for sock in socks:
+            sock.close()  # our copy only
+
+
+def _listening_rows(port: int) -> list[list[str]]:
+    """The rows of ``/proc/net/tcp{,6}`` of the sockets listening on ``port``."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                out.append(fields)
+    return out
+
+
+def _drop_new_connections(sock: socket.socket) -> None:
+    """Attach a classic BPF filter that drops every packet to the listening ``sock``: it runs on what arrives
+    for the listener (SYNs, the last ACK of a handshake), not on connections already made."""
+    import struct
+
+    drop = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))  # BPF_RET | BPF_K, return 0
+    program = struct.pack("HP", 1, ctypes.addressof(drop))  # struct sock_fprog {len, filter}
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+
+
+def _established(port: int) -> int:
+    """How many connections to ``port`` are open (every answer of a drain closes its connection)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            n += len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port
+    return n
+
+
+def _listening_inodes(port: int) -> set[str]:
+    return {f"socket:[{fields[9]}]" for fields in _listening_rows(port)}
+
+
+def _accept_queues(port: int) -> list[int]:
+    """The accept queue's length of each socket listening on ``port`` (a listener's ``rx_queue``)."""
+    return [int(fields[4].split(":")[1], 16) for fields in _listening_rows(port)]
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _socket_of(pid: int, fd: int) -> Optional[socket.socket]:
+    """A copy of socket ``fd`` of process ``pid`` (``pidfd_getfd``), or None."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+    try:
+        ours = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        return socket.socket(fileno=ours) if ours >= 0 else None
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
 
 
 def _statuses(names: Sequence[str]) -> dict[str, tuple[str, str]]:
