@@ -109,6 +109,38 @@ def test_drain_waits_for_accepted_requests_and_exits_3_past_its_timeout(monkeypa
     assert ("drained in" in err) if code == 0 else (f"expired with {inflight} accepted request(s) unanswered" in err)
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "pidfd_open"), reason="needs Linux pidfd_open (Python 3.9+, Linux 5.3+)")
+def test_closing_a_descendants_listener_answers_what_it_accepted_and_refuses_new_connections():
+    """What the Ray drain does to its proxy: the listener of a child process stops taking connections (new
+    ones refused) while the connection it accepted still gets its answer, and no queued one is reset."""
+    import subprocess
+    import sys
+
+    from stvfm_engine.serving.ray_server import _close_listener
+
+    port = free_ports(1)[0]
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import socket, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", {port})); s.listen(16); print("listening", flush=True)
+c, _ = s.accept(); time.sleep(0.3); c.sendall(b"answer"); c.close(); time.sleep(10)
+"""], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"listening"
+        accepted = socket.create_connection(("127.0.0.1", port), timeout=10)
+        t0 = time.monotonic()
+        assert _close_listener(port)
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert accepted.recv(16) == b"answer"
+        accepted.close()
+    finally:
+        child.kill()
+        child.wait()
+    assert not _close_listener(port)  # nothing listens there any more
+
+
 def test_floor_app_decodes_json_and_answers_y_sized_arrays():
     """bench --floor's plain app (asgi here: no Ray start), driven in JSON mode, started and stopped."""
     from stvfm_engine.bench.load import measure_floor
