@@ -80,7 +80,6 @@ def _warm_up() -> list:
 
     torch.ones(64, 64) @ torch.ones(64, 64)
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError:
