@@ -359,7 +359,10 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
         await serving
         web = None
         await grpc_front.stop()
-        code = await asyncio.to_thread(server.stop, max(1.0, started + options.drain_timeout_s - time.monotonic()))
+        # nothing of ours is in tritonserver: it gets STOP_TIMEOUT_S to exit (with a dead stub it waits for its
+        # own exit timeout instead, --drain-timeout + 1 s), within what is left of the drain timeout
+        code = await asyncio.to_thread(server.stop, max(1.0, min(STOP_TIMEOUT_S, started + options.drain_timeout_s
+                                                                - time.monotonic())))
         if left:
             log(f"drain timeout ({options.drain_timeout_s:g} s, --drain-timeout) expired with {left} request(s) "
                 "unanswered")
