@@ -158,13 +158,14 @@ def _close_listener(port: int) -> bool:
     listener's accept queue included. So its listening socket is taken from the proxy process
     (``pidfd_getfd``: Linux 5.6+, allowed on our own descendants) and given a socket filter that drops every
     packet (:func:`_drop_new_connections`): a new connection's SYN goes unanswered (its client retries a
-    second later) while the proxy accepts and answers the connections already queued. Once the queue is empty and every connection closed (each answer of a drain closes its
-    connection), at most :data:`LINGER_S`, the socket is shut down for reading, which stops a TCP listener:
-    the retried connections are refused. False where this cannot be
-    done (another OS, an older kernel, ptrace not allowed): then the instance stops as before."""
-    inodes = _listening_inodes(port)
-    socks = []
+    second later) while the proxy accepts and answers the connections already queued. Once the queue is
+    empty and every connection closed (each answer of a drain closes its connection), at most
+    :data:`LINGER_S`, the socket is shut down for reading, which stops a TCP listener: the retried
+    connections are refused. False where this cannot be done (another OS, an older kernel, ptrace not
+    allowed): then the instance stops as before."""
+    socks: list[socket.socket] = []
     try:
+        inodes = _listening_inodes(port)
         for pid in _descendants(os.getpid()):
             try:
                 fds = os.listdir(f"/proc/{pid}/fd")
@@ -177,7 +178,8 @@ def _close_listener(port: int) -> bool:
                 except OSError:
                     continue
         for sock in socks:
-            _drop_new_connections(sock)
+            with contextlib.suppress(OSError):  # without the filter: the queue still empties, new ones may join
+                _drop_new_connections(sock)
         deadline = time.monotonic() + (LINGER_S if socks else 0)
         while (any(_accept_queues(port)) or _established(port)) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -185,6 +187,8 @@ def _close_listener(port: int) -> bool:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)
         return bool(socks)
+    except OSError:  # no /proc (another OS): nothing done
+        return False
     finally:
         for sock in socks:
             sock.close()  # our copy only
