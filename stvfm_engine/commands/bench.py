@@ -33,8 +33,8 @@ model is timed offline with Engine.predict at the server's mean batch for compar
 checked against it. --body json sends JSON tensors instead of binary ones; --floor ray|asgi also
 starts the server kind's own floor (a plain Ray Serve deployment, or a plain ASGI app) and measures it
 side by side with the server and Engine.predict (--rounds rounds of blocks: floor and server in
-alternating order, then Engine.predict, a pause before each), then reports issue 23's targets from that one run (--floor-alone: the floor first,
-alone, as before). --faults triton,ray starts 'serve DIR' itself and runs the fault scenario
+alternating order, then Engine.predict back to back for as long, a --pause before each), then reports
+issue 23's targets from that one run (--floor-alone: the floor first, alone, as before). --faults triton,ray starts 'serve DIR' itself and runs the fault scenario
 (64 clients, 2000 requests, 10% malformed, SIGTERM at the midpoint) and the overload case.
   stvfm-engine bench tiny.engine --url http://127.0.0.1:8000 --model tiny.engine --body json --floor ray
   stvfm-engine bench tiny.engine --faults triton,ray --json faults.json

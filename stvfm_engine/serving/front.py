@@ -242,7 +242,7 @@ class Front:
     def __init__(self, models: Sequence[ServedModel], target: str, limits: Limits, token: str = "",
                  http_port: int = 0):
         self.models = {m.name: m for m in models}
-        # tritonserver's HTTP endpoint (127.0.0.1:http_port) answers only requests with this header
+        self.token = token  # the header value that opens tritonserver's endpoints (they answer nobody else)
         self.http = TritonHttp("127.0.0.1", http_port, (LOCKED_HEADER, token))
         # tritonserver's gRPC endpoint answers only calls that carry this header (--grpc-restricted-protocol)
         self.call_metadata = ((f"triton-grpc-protocol-{LOCKED_HEADER}", token),) if token else None
@@ -289,14 +289,14 @@ class Front:
         except asyncio.TimeoutError:
             return 504, self.late(model)
         except OSError as e:  # refused or reset: tritonserver is stopping or died
-            return 503, f"model {model.name!r} is not available: {first_line(e) or type(e).__name__}"
+            return 503, self.unavailable(model, first_line(e) or type(e).__name__)
         if status == 200:
             return answer
-        message = _REQUEST_ID.sub("", answer).split(" NOTE: ")[0]
+        message = _triton_message(answer)
         if status == 503 and "timeout" in message.lower():
             return 504, self.late(model)
         if status in (404, 499, 503):  # tritonserver no longer has the model loaded (it unloads in its shutdown)
-            return 503, f"model {model.name!r} is not available: {message}"
+            return 503, self.unavailable(model, message)
         return (400 if status == 400 else 500), message
 
     def classify(self, model: ServedModel, e) -> tuple[Any, str]:
@@ -306,15 +306,19 @@ class Front:
         models in its shutdown, or a model's stub died); the rest as tritonserver said, its notes left out."""
         import grpc
 
-        code, message = e.code(), _REQUEST_ID.sub("", e.details() or "").split(" NOTE: ")[0]
+        code, message = e.code(), _triton_message(e.details() or "")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE
                                                          and "timeout" in message.lower()):
             return grpc.StatusCode.DEADLINE_EXCEEDED, self.late(model)
         if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                     grpc.StatusCode.RESOURCE_EXHAUSTED):
             code, message = (grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.NOT_FOUND else code,
-                             f"model {model.name!r} is not available: {message}")
+                             self.unavailable(model, message))
         return code, message
+
+    @staticmethod
+    def unavailable(model: ServedModel, why: str) -> str:
+        return f"model {model.name!r} is not available: {why}"
 
     def late(self, model: ServedModel) -> str:
         return f"model {model.name!r}: not answered within {self.limits.request_timeout_s * 1000:.0f} ms " \
@@ -549,6 +553,11 @@ class GrpcFront:
         finally:
             front.release(model)
             front.answered()
+
+
+def _triton_message(text: str) -> str:
+    """tritonserver's error message without its request id and its notes."""
+    return _REQUEST_ID.sub("", text).split(" NOTE: ")[0]
 
 
 async def _parse(context, message_class, raw: bytes):

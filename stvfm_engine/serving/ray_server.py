@@ -181,7 +181,7 @@ def _close_listener(port: int) -> bool:
             with contextlib.suppress(OSError):  # without the filter: the queue still empties, new ones may join
                 _drop_new_connections(sock)
         deadline = time.monotonic() + (LINGER_S if socks else 0)
-        while (any(_accept_queues(port)) or _established(port)) and time.monotonic() < deadline:
+        while _busy(port) and time.monotonic() < deadline:
             time.sleep(0.02)
         for sock in socks:
             with contextlib.suppress(OSError):
@@ -194,8 +194,9 @@ def _close_listener(port: int) -> bool:
             sock.close()  # our copy only
 
 
-def _listening_rows(port: int) -> list[list[str]]:
-    """The rows of ``/proc/net/tcp{,6}`` of the sockets listening on ``port``."""
+def _tcp_rows(port: int) -> list[list[str]]:
+    """The rows of ``/proc/net/tcp{,6}`` of the sockets whose local port is ``port`` (field 3: the state,
+    ``0A`` listening, ``01`` established; field 4: ``tx_queue:rx_queue``; field 9: the inode)."""
     out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -205,9 +206,16 @@ def _listening_rows(port: int) -> list[list[str]]:
             continue
         for row in rows:
             fields = row.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if len(fields) > 9 and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 out.append(fields)
     return out
+
+
+def _busy(port: int) -> bool:
+    """Connections are waiting in a listener's accept queue (its ``rx_queue``) or open on ``port`` (every
+    answer of a drain closes its connection)."""
+    rows = _tcp_rows(port)
+    return any(r[3] == "01" or (r[3] == "0A" and int(r[4].split(":")[1], 16)) for r in rows)
 
 
 def _drop_new_connections(sock: socket.socket) -> None:
@@ -220,28 +228,8 @@ def _drop_new_connections(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
 
 
-def _established(port: int) -> int:
-    """How many connections to ``port`` are open (every answer of a drain closes its connection)."""
-    n = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            n += len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port
-    return n
-
-
 def _listening_inodes(port: int) -> set[str]:
-    return {f"socket:[{fields[9]}]" for fields in _listening_rows(port)}
-
-
-def _accept_queues(port: int) -> list[int]:
-    """The accept queue's length of each socket listening on ``port`` (a listener's ``rx_queue``)."""
-    return [int(fields[4].split(":")[1], 16) for fields in _listening_rows(port)]
+    return {f"socket:[{fields[9]}]" for fields in _tcp_rows(port) if fields[3] == "0A"}
 
 
 def _descendants(root: int) -> list[int]:

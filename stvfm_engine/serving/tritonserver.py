@@ -303,9 +303,8 @@ async def _serve(models, options: TritonOptions, found: Bundle, repository: Path
         loop.add_signal_handler(sig, on_signal, sig)
     # tritonserver's HTTP and gRPC endpoints listen on loopback ports of their own, every API of both wanting a
     # header value that only the front knows (refused before a body is parsed): the public ports are the front's
-    token = front.call_metadata[0][1]
-    extra = [f"--http-restricted-api={','.join(PROTOCOLS)}:{LOCKED_HEADER}={token}",
-             f"--grpc-restricted-protocol={','.join(PROTOCOLS)}:{LOCKED_HEADER}={token}"]
+    extra = [f"--http-restricted-api={','.join(PROTOCOLS)}:{LOCKED_HEADER}={front.token}",
+             f"--grpc-restricted-protocol={','.join(PROTOCOLS)}:{LOCKED_HEADER}={front.token}"]
     log(f"starting Triton Inference Server (nvidia-pytriton {found.version}) with {describe(list(models))}")
     server = TritonProcess(found, repository, backends, options, extra, grpc=("127.0.0.1", private[0]),
                            http=("127.0.0.1", private[1]))
