@@ -173,3 +173,29 @@ def test_an_integer_out_of_its_datatypes_range_is_refused_not_wrapped(datatype, 
             assert ok[0] == "ok", ok
     finally:
         del INPUTS["k"]
+
+
+def test_the_json_client_reads_an_answer_the_same_with_or_without_simdjson():
+    from stvfm_engine import wire
+
+    rng = np.random.default_rng(3)
+    y = (rng.standard_normal((2, 3, 2, 5)) * 1e3).astype(np.float32)
+    flat = oip.encode_response(Model(), {"y": y}, binary=False)[0]
+    nested = json.dumps({"outputs": [{"name": "y", "datatype": "FP32", "shape": list(y.shape),
+                                      "data": y.tolist()}]}).encode()
+    saved = wire._simdjson
+    try:
+        for body in (flat, nested):
+            got = []
+            for module in (simdjson, None):
+                wire._simdjson = module
+                got.append(wire.json_output(body))
+            assert got[0].dtype == got[1].dtype == np.float32 and got[0].shape == got[1].shape == y.shape
+            np.testing.assert_array_equal(got[0], y)
+            np.testing.assert_array_equal(got[1], y)
+        for module in (simdjson, None):
+            wire._simdjson = module
+            with pytest.raises(KeyError):
+                wire.json_output(b'{"error": "busy"}')
+    finally:
+        wire._simdjson = saved
