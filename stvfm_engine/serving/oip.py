@@ -165,14 +165,19 @@ def _parse(body: bytes) -> Any:
     value). Only where no array is nested inside a ``data`` array: the body's ``[`` bytes must be exactly the
     arrays the rest of the document holds plus one per ``data`` (any other, in a string or nested data:
     orjson parses it all, as without simdjson). Anything simdjson refuses goes to orjson, which names it."""
-    if simdjson is None:
-        return _loads(body)
+    request = None if simdjson is None else _parse_fast(body)
+    # orjson only once simdjson's document is gone (a large body is not held twice)
+    return _loads(body) if request is None else request
+
+
+def _parse_fast(body: bytes) -> Optional[dict]:
+    """:func:`_parse` by simdjson, or None where orjson must parse ``body``."""
     try:
         doc = simdjson.Parser().parse(body)
     except (ValueError, RuntimeError):  # not valid JSON, or too deep: orjson's message names it
-        return _loads(body)
+        return None
     if not isinstance(doc, simdjson.Object) or _repeats(doc):
-        return _loads(body)  # not an object (refused the same way), or a repeated key (orjson keeps the last)
+        return None  # not an object (refused the same way), or a repeated key (orjson keeps the last)
     request = {key: _py(doc[key]) for key in doc.keys() if key != "inputs"}
     brackets = _lists(request)  # every array outside the inputs
     inputs = doc["inputs"] if "inputs" in doc else None
@@ -190,8 +195,8 @@ def _parse(body: bytes) -> Any:
     elif "inputs" in doc:
         request["inputs"] = _py(inputs)
         brackets += _lists(request["inputs"])
-    if np.count_nonzero(np.frombuffer(body, np.uint8) == ord("[")) != brackets:
-        return _loads(body)  # an array nested in data, a repeated key, or a '[' in a string
+    if body.count(b"[") != brackets:
+        return None  # an array nested in data, a repeated key, or a '[' in a string
     return request
 
 
