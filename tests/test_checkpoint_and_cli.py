@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -120,14 +121,16 @@ def test_init_odd_configuration_gives_the_right_output_shape(tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
-    for args in (["init", "--backbone", "resnet18", "-o", str(tmp_path / "a.pt")],
-                 ["init", "--heads", "5", "-o", str(tmp_path / "b.pt")],
-                 ["init", "--backbone", "no_such_model_xyz", "-o", str(tmp_path / "c.pt")],
-                 ["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "-o", str(tmp_path / "d.pt")],
-                 ["init", "--preset", "tiny"],  # usage errors (argparse) are one line too
-                 ["build", "--max-batch", "0", str(tmp_path / "a.pt"), "-o", str(tmp_path / "e")],
-                 ["no-such-command"]):
-        r = run_cli(*args)
+    cases = (["init", "--backbone", "resnet18", "-o", str(tmp_path / "a.pt")],
+             ["init", "--heads", "5", "-o", str(tmp_path / "b.pt")],
+             ["init", "--backbone", "no_such_model_xyz", "-o", str(tmp_path / "c.pt")],
+             ["train", "--preset", "tiny", "--data", str(tmp_path / "nothing"), "-o", str(tmp_path / "d.pt")],
+             ["init", "--preset", "tiny"],  # usage errors (argparse) are one line too
+             ["build", "--max-batch", "0", str(tmp_path / "a.pt"), "-o", str(tmp_path / "e")],
+             ["no-such-command"])
+    with ThreadPoolExecutor(2) as pool:  # independent processes, mostly interpreter start-up: two at a time
+        results = list(pool.map(lambda args: run_cli(*args), cases))
+    for args, r in zip(cases, results):
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "error" in lines[0], r.stderr
